@@ -1,0 +1,108 @@
+"""Bounded label values: a per-metric cap that folds new values into ``__overflow__``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Generic, TypeVar
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter
+
+from asgi_perfmon._registry import metric_name, shared
+
+OVERFLOW = "__overflow__"
+DEFAULT_MAX_LABEL_VALUES = 1000
+
+logger = structlog.get_logger("asgi_perfmon")
+
+ChildT = TypeVar("ChildT")
+
+
+def overflow_counter(registry: CollectorRegistry, namespace: str) -> Counter:
+    """``asgi_perfmon_label_overflow_total{metric}`` for ``registry``."""
+    name = metric_name(namespace, "asgi_perfmon_label_overflow")
+
+    def build() -> Counter:
+        return Counter(
+            name,
+            "Label lookups whose value was folded into __overflow__ because the metric "
+            "reached its cap of distinct values.",
+            ["metric"],
+            registry=registry,
+        )
+
+    return shared(registry, ("overflow", namespace), build)
+
+
+def validate_max_label_values(value: int) -> int:
+    """Raise ``ValueError`` unless ``value`` is a usable label cap."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"max_label_values must be a positive integer, got {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+class BoundedLabels(Generic[ChildT]):
+    """Cached children of a labelled metric, with at most ``max_values`` values per label.
+
+    The hot path is one dict lookup. Values beyond the cap are never cached, so hostile input
+    cannot grow this object: it folds into ``__overflow__``, counts
+    ``asgi_perfmon_label_overflow_total`` and logs one ``label_overflow`` warning per metric.
+    """
+
+    def __init__(
+        self,
+        metric: Any,
+        *,
+        name: str,
+        label_count: int,
+        max_values: int,
+        overflow: Counter,
+    ) -> None:
+        self._metric = metric
+        self._name = name
+        self._max_values = max_values
+        self._seen: list[set[str]] = [set() for _ in range(label_count)]
+        self._children: dict[tuple[str, ...], ChildT] = {}
+        self._overflow = overflow.labels(name)
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str) -> ChildT:
+        """The child for ``values``, folding values beyond the cap."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._new_child(values)
+        return child
+
+    def _new_child(self, values: tuple[str, ...]) -> ChildT:
+        with self._lock:
+            bounded = tuple(self._bound(i, value) for i, value in enumerate(values))
+            child = self._children.get(bounded)
+            if child is None:
+                child = self._metric.labels(*bounded)
+                self._children[bounded] = child
+        if bounded != values:
+            self._overflow.inc()
+            self._warn_once(values)
+        return child
+
+    def _bound(self, index: int, value: str) -> str:
+        seen = self._seen[index]
+        if value in seen:
+            return value
+        if len(seen) < self._max_values:
+            seen.add(value)
+            return value
+        return OVERFLOW
+
+    def _warn_once(self, values: tuple[str, ...]) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        logger.warning(
+            "label_overflow",
+            metric=self._name,
+            max_label_values=self._max_values,
+            example=[value[:64] for value in values],
+        )
