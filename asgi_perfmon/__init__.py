@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from asgi_perfmon._version import __version__
 from asgi_perfmon.context import RequestContext, current_request
-
-__version__ = "0.1.0"
+from asgi_perfmon.endpoint import MetricsApp, metrics_app, metrics_endpoint
+from asgi_perfmon.middleware import PerfMonMiddleware
 
 __all__ = [
+    "MetricsApp",
+    "PerfMonMiddleware",
     "RequestContext",
     "__version__",
     "current_request",
+    "metrics_app",
+    "metrics_endpoint",
 ]

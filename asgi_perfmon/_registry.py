@@ -15,7 +15,7 @@ T = TypeVar("T")
 _families: weakref.WeakKeyDictionary[CollectorRegistry, dict[tuple[str, ...], Any]] = (
     weakref.WeakKeyDictionary()
 )
-_lock = threading.Lock()
+_lock = threading.RLock()  # builders may call shared() for the families they use
 
 
 def resolve_registry(registry: CollectorRegistry | None) -> CollectorRegistry:

@@ -43,6 +43,7 @@ class RequestContext:
     request_id: str
     method: str = ""
     route: str = ""
+    path: str = ""
     operations: dict[str, OperationTotals] = field(default_factory=dict)
     db_queries: int = 0
     db_errors: int = 0

@@ -1,0 +1,171 @@
+"""Route templates for requests, resolved from the incoming scope by re-matching the routes.
+
+The template is the path with every router and mount prefix and no parameter values
+(``/api/v1/users/{user_id}``). Reading ``scope["route"]`` after the call is not enough: FastAPI
+>= 0.137 leaves the include prefixes out of ``route.path`` and does not set it for plain routes
+or mounts. Re-matching a snapshot of the scope with the public ``Route.matches()`` protocol works
+on every Starlette and FastAPI version we support.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import structlog
+from starlette.routing import BaseRoute, Host, Match
+
+from asgi_perfmon._types import Scope
+
+UNMATCHED = "__unmatched__"
+"""The ``http_route`` of a request that matches no route (404)."""
+
+DEFAULT_CACHE_SIZE = 4096
+
+logger = structlog.get_logger("asgi_perfmon")
+
+
+def route_path(scope: Scope) -> str:
+    """The request path relative to ``root_path``, as the router sees it."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path != root_path:
+        return path[len(root_path) :]
+    return path
+
+
+def _fastapi_attribute(name: str) -> Any:
+    """``fastapi.routing.<name>`` if FastAPI is loaded (an app using it imported it), else None.
+
+    FastAPI >= 0.137.2 keeps included routers unflattened; ``iter_route_contexts`` flattens
+    them with their full prefixes.
+    """
+    return getattr(sys.modules.get("fastapi.routing"), name, None)
+
+
+def _original(route: Any) -> Any:
+    return getattr(route, "original_route", route)
+
+
+def _template(route: Any) -> str:
+    return getattr(route, "path_format", None) or getattr(route, "path", None) or ""
+
+
+def _mount_prefix(route: Any) -> str:
+    template = _template(route)
+    return template[: -len("/{path}")] if template.endswith("/{path}") else template
+
+
+class RouteResolver:
+    """Resolves route templates, remembering the last ``cache_size`` answers."""
+
+    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self._cache_size = cache_size
+        self._cache: dict[tuple[Any, ...], str] = {}
+        self._flattened: dict[int, tuple[Sequence[Any], int, list[Any]]] = {}
+        self._failed = False
+
+    def resolve(self, routes: Sequence[Any] | None, scope: Scope) -> str:
+        """The template for ``scope`` (taken before the app ran), or ``UNMATCHED``."""
+        if routes is None:
+            return UNMATCHED
+        key = _cache_key(scope)
+        template = self._cache.get(key)
+        if template is None:
+            template = self._resolve_uncached(routes, scope)
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[key] = template
+        return template
+
+    def _resolve_uncached(self, routes: Sequence[Any], scope: Scope) -> str:
+        probe = {
+            "type": scope["type"],
+            "path": scope["path"],
+            "root_path": scope.get("root_path", ""),
+            "method": scope.get("method", "GET"),
+            "headers": scope.get("headers", []),
+            "app_root_path": scope.get("app_root_path", scope.get("root_path", "")),
+        }
+        try:
+            template, match = self._match(routes, probe, "")
+            if match is Match.NONE and scope["type"] == "http":
+                template = self._slash_redirect_target(routes, probe)
+        except Exception as error:  # a custom route whose matches() raises
+            self._log_failure(error)
+            return UNMATCHED
+        return template or UNMATCHED
+
+    def _slash_redirect_target(self, routes: Sequence[Any], probe: dict[str, Any]) -> str | None:
+        path = probe["path"]
+        if route_path(probe) == "/":
+            return None
+        toggled = path[:-1] if path.endswith("/") else path + "/"
+        template, _ = self._match(routes, {**probe, "path": toggled}, "")
+        return template
+
+    def _match(
+        self, routes: Sequence[Any], scope: dict[str, Any], prefix: str
+    ) -> tuple[str | None, Match]:
+        partial: str | None = None
+        for route in self._candidates(routes):
+            match, child_scope = route.matches(scope)
+            if match is Match.NONE:
+                continue
+            sub_routes = getattr(route, "routes", None)
+            if sub_routes is not None and hasattr(route, "app"):
+                return self._match_mounted(route, sub_routes, {**scope, **child_scope}, prefix)
+            if match is Match.FULL:
+                return prefix + _template(route), match
+            if partial is None:
+                partial = prefix + _template(route)
+        if partial is not None:
+            return partial, Match.PARTIAL
+        return None, Match.NONE
+
+    def _match_mounted(
+        self, route: Any, sub_routes: Sequence[Any], scope: dict[str, Any], prefix: str
+    ) -> tuple[str | None, Match]:
+        if isinstance(_original(route), Host):
+            return self._match(sub_routes, scope, prefix)
+        mount_prefix = prefix + _mount_prefix(route)
+        if not sub_routes:  # StaticFiles, WSGI or any opaque ASGI app
+            return mount_prefix + "/{path}", Match.FULL
+        return self._match(sub_routes, scope, mount_prefix)
+
+    def _candidates(self, routes: Sequence[Any]) -> list[Any]:
+        """``routes`` with FastAPI's included routers flattened, cached per routes list."""
+        cached = self._flattened.get(id(routes))
+        if cached is not None and cached[0] is routes and cached[1] == len(routes):
+            return cached[2]
+        flat = list(_flatten(routes))
+        self._flattened[id(routes)] = (routes, len(routes), flat)
+        return flat
+
+    def _log_failure(self, error: Exception) -> None:
+        if not self._failed:
+            self._failed = True
+            logger.error("route_resolution_failed", error_type=type(error).__name__, exc_info=error)
+
+
+def _flatten(routes: Sequence[BaseRoute]) -> Iterable[Any]:
+    iter_route_contexts = _fastapi_attribute("iter_route_contexts")
+    if iter_route_contexts is None:
+        return routes
+    return iter_route_contexts(routes)  # type: ignore[no-any-return]
+
+
+def _cache_key(scope: Scope) -> tuple[Any, ...]:
+    host = b""
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            host = value
+            break
+    return (
+        scope["type"],
+        scope.get("method"),
+        scope["path"],
+        scope.get("root_path", ""),
+        host,
+    )

@@ -1,0 +1,251 @@
+"""The HTTP and websocket metric families of the middleware, built once per registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from asgi_perfmon._labels import BoundedLabels, overflow_counter
+from asgi_perfmon._registry import metric_name, shared
+
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+"""Request duration buckets in seconds (the OpenTelemetry HTTP semantic conventions' advice)."""
+
+SIZE_BUCKETS: tuple[float, ...] = tuple(float(4**n) for n in range(3, 13))
+"""Body size buckets in bytes: 64 B to 16 MiB."""
+
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "QUERY"}
+)
+OTHER_METHOD = "_OTHER"
+
+_HTTP = ("http_request_method", "http_route")
+_MAX_CACHED_SERIES = 10_000
+
+
+def normalize_method(method: str) -> str:
+    """``method`` if it is a standard HTTP method, else ``_OTHER``."""
+    return method if method in STANDARD_METHODS else OTHER_METHOD
+
+
+def validate_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
+    """Raise ``ValueError`` unless ``buckets`` are finite, positive and increasing."""
+    values = tuple(float(b) for b in buckets)
+    finite = [b for b in values if not math.isinf(b)]
+    if not finite or any(b <= 0 for b in finite) or finite != sorted(set(finite)):
+        msg = f"buckets must be positive, strictly increasing numbers, got {list(buckets)!r}."
+        raise ValueError(msg)
+    return values
+
+
+class RouteSeries:
+    """The labelled children for one (method, route) pair, fetched once and reused."""
+
+    __slots__ = (
+        "_by_status",
+        "_duration",
+        "aborted",
+        "active",
+        "exceptions",
+        "method",
+        "request_size",
+        "response_size",
+        "route",
+        "slow",
+        "time_to_first_byte",
+    )
+
+    def __init__(self, metrics: HttpMetrics, method: str, route: str) -> None:
+        self.method = method
+        self.route = route
+        self.active: Any = metrics.active.labels(method, route)
+        self.time_to_first_byte: Any = metrics.time_to_first_byte.labels(method, route)
+        self.request_size: Any = metrics.request_size.labels(method, route)
+        self.response_size: Any = metrics.response_size.labels(method, route)
+        self.slow: Any = metrics.slow.labels(method, route)
+        self.aborted = metrics.aborted
+        self.exceptions = metrics.exceptions
+        self._duration = metrics.duration
+        self._by_status: dict[int, Any] = {}
+
+    def duration(self, status: int) -> Any:
+        """The duration histogram child for ``status``."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._duration.labels(self.method, self.route, str(status))
+            if 100 <= status <= 599:
+                self._by_status[status] = child
+        return child
+
+
+class WebSocketSeries:
+    """The labelled children for the websocket connections of one route."""
+
+    __slots__ = ("active", "duration", "received", "sent")
+
+    def __init__(self, metrics: HttpMetrics, route: str) -> None:
+        self.active: Any = metrics.ws_active.labels(route)
+        self.duration: Any = metrics.ws_duration.labels(route)
+        self.received: Any = metrics.ws_messages.labels(route, "received")
+        self.sent: Any = metrics.ws_messages.labels(route, "sent")
+
+
+class HttpMetrics:
+    """Every metric family the middleware records, registered in one registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        namespace: str,
+        buckets: tuple[float, ...],
+        max_label_values: int,
+        version: str,
+    ) -> None:
+        self.buckets = buckets
+        self.max_label_values = max_label_values
+        self._registry = registry
+        self._namespace = namespace
+        self._overflow = overflow_counter(registry, namespace)
+        self.duration = self._histogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests, until the last response byte was sent.",
+            [*_HTTP, "http_response_status_code"],
+            buckets,
+        )
+        self.active = self._gauge(
+            "http_server_active_requests", "Number of HTTP requests in flight.", _HTTP
+        )
+        self.time_to_first_byte = self._histogram(
+            "http_server_time_to_first_byte_seconds",
+            "Time until the first response body byte was sent.",
+            _HTTP,
+            buckets,
+        )
+        self.request_size = self._histogram(
+            "http_server_request_body_size_bytes",
+            "Size of HTTP request bodies, counted from the bytes received.",
+            _HTTP,
+            SIZE_BUCKETS,
+        )
+        self.response_size = self._histogram(
+            "http_server_response_body_size_bytes",
+            "Size of HTTP response bodies, counted from the bytes sent.",
+            _HTTP,
+            SIZE_BUCKETS,
+        )
+        self.slow = self._counter(
+            "http_server_slow_requests", "Requests at or over the slow-request threshold.", _HTTP
+        )
+        self.exceptions = self._counter(
+            "http_server_exceptions",
+            "Exceptions raised through the middleware, by type.",
+            [*_HTTP, "error_type"],
+        )
+        self.aborted = self._counter(
+            "http_server_aborted_requests",
+            "Requests whose response was not completed: the client left or the app failed.",
+            [*_HTTP, "reason"],
+        )
+        self.ws_active = self._gauge(
+            "websocket_server_active_connections", "Open websocket connections.", ["http_route"]
+        )
+        self.ws_duration = self._histogram(
+            "websocket_server_connection_duration_seconds",
+            "Duration of websocket connections.",
+            ["http_route"],
+            (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0),
+        )
+        self.ws_messages = self._counter(
+            "websocket_server_messages",
+            "Websocket messages, by direction.",
+            ["http_route", "direction"],
+        )
+        info = Gauge(
+            metric_name(namespace, "asgi_perfmon_info"),
+            "asgi-perfmon version (always 1).",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        info.labels(version).set(1)
+        self._series: dict[tuple[str, str], RouteSeries] = {}
+        self._ws_series: dict[str, WebSocketSeries] = {}
+
+    def series(self, method: str, route: str) -> RouteSeries:
+        """The children for ``method`` and ``route``, cached."""
+        series = self._series.get((method, route))
+        if series is None:
+            series = RouteSeries(self, method, route)
+            if len(self._series) < _MAX_CACHED_SERIES:
+                self._series[(method, route)] = series
+        return series
+
+    def websocket_series(self, route: str) -> WebSocketSeries:
+        """The websocket children for ``route``, cached."""
+        series = self._ws_series.get(route)
+        if series is None:
+            series = WebSocketSeries(self, route)
+            if len(self._ws_series) < _MAX_CACHED_SERIES:
+                self._ws_series[route] = series
+        return series
+
+    def _bounded(self, metric: Any, name: str, label_count: int) -> BoundedLabels[Any]:
+        return BoundedLabels(
+            metric,
+            name=name,
+            label_count=label_count,
+            max_values=self.max_label_values,
+            overflow=self._overflow,
+        )
+
+    def _histogram(
+        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> BoundedLabels[Any]:
+        full = metric_name(self._namespace, name)
+        metric = Histogram(full, doc, labels, registry=self._registry, buckets=buckets)
+        return self._bounded(metric, full, len(labels))
+
+    def _gauge(self, name: str, doc: str, labels: Sequence[str]) -> BoundedLabels[Any]:
+        full = metric_name(self._namespace, name)
+        metric = Gauge(full, doc, labels, registry=self._registry, multiprocess_mode="livesum")
+        return self._bounded(metric, full, len(labels))
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str]) -> BoundedLabels[Any]:
+        full = metric_name(self._namespace, name)
+        metric = Counter(full, doc, labels, registry=self._registry)
+        return self._bounded(metric, full, len(labels))
+
+
+def http_metrics(
+    registry: CollectorRegistry,
+    *,
+    namespace: str,
+    buckets: tuple[float, ...],
+    max_label_values: int,
+    version: str,
+) -> HttpMetrics:
+    """The middleware's metrics in ``registry``, created on first use and shared after."""
+    metrics = shared(
+        registry,
+        ("http", namespace),
+        lambda: HttpMetrics(
+            registry,
+            namespace=namespace,
+            buckets=buckets,
+            max_label_values=max_label_values,
+            version=version,
+        ),
+    )
+    if metrics.buckets != buckets or metrics.max_label_values != max_label_values:
+        msg = (
+            "This registry already holds the asgi-perfmon HTTP metrics with other buckets or "
+            "another label cap; pass the same options, or a separate registry or namespace."
+        )
+        raise ValueError(msg)
+    return metrics

@@ -1,0 +1,373 @@
+"""``PerfMonMiddleware``: HTTP and websocket metrics, request ids and slow-request logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from structlog.contextvars import bind_contextvars, reset_contextvars
+
+from asgi_perfmon._version import __version__
+from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, validate_max_label_values
+from asgi_perfmon._registry import resolve_namespace, resolve_registry
+from asgi_perfmon._request_id import header_value, request_id_from
+from asgi_perfmon._routes import RouteResolver, route_path
+from asgi_perfmon._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_perfmon.context import RequestContext, _current
+from asgi_perfmon.metrics import (
+    DEFAULT_BUCKETS,
+    HttpMetrics,
+    RouteSeries,
+    http_metrics,
+    normalize_method,
+    validate_buckets,
+)
+
+logger = structlog.get_logger("asgi_perfmon")
+
+DEFAULT_SLOW_REQUEST_THRESHOLD = 1.0
+MAX_LOGGED_PATH = 512
+
+
+class _Exchange:
+    """What one HTTP request has done so far; lives only for that request."""
+
+    __slots__ = (
+        "context",
+        "disconnected",
+        "done_at",
+        "first_byte_at",
+        "finished",
+        "received",
+        "sent",
+        "series",
+        "start",
+        "status",
+        "trailers",
+    )
+
+    def __init__(self, series: RouteSeries, context: RequestContext, start: float) -> None:
+        self.series = series
+        self.context = context
+        self.start = start
+        self.status = 0
+        self.first_byte_at: float | None = None
+        self.done_at: float | None = None
+        self.received = 0
+        self.sent = 0
+        self.trailers = False
+        self.disconnected = False
+        self.finished = False
+
+
+class PerfMonMiddleware:
+    """Pure ASGI middleware recording HTTP and websocket metrics and slow-request logs.
+
+    Add it with ``app.add_middleware(PerfMonMiddleware)``. Every option is keyword-only;
+    invalid values raise ``ValueError`` here, at construction.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: CollectorRegistry | None = None,
+        namespace: str | None = None,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        slow_request_threshold: float | None = None,
+        exclude_paths: Iterable[str] = ("/metrics",),
+        request_id_header: str = "X-Request-ID",
+        max_label_values: int | None = None,
+        exemplars: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.app = app
+        self._slow_threshold = _slow_threshold(slow_request_threshold)
+        self._excluded = _exclusions(exclude_paths)
+        self._id_header = _header_name(request_id_header)
+        self._exemplars = exemplars and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        self._clock = clock
+        self._routes = RouteResolver()
+        self._metrics: HttpMetrics = http_metrics(
+            resolve_registry(registry),
+            namespace=resolve_namespace(namespace),
+            buckets=validate_buckets(buckets),
+            max_label_values=_label_cap(max_label_values),
+            version=__version__,
+        )
+        self._failures: set[str] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" and route_path(scope) not in self._excluded:
+            await self._serve_http(scope, receive, send)
+        elif kind == "websocket":
+            await self._serve_websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            exchange = self._begin(scope)
+        except Exception as error:
+            self._log_failure("begin", error)
+            await self.app(scope, receive, send)
+            return
+        clock = self._clock
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                exchange.received += len(message.get("body", b""))
+            elif message["type"] == "http.disconnect" and exchange.done_at is None:
+                exchange.disconnected = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                exchange.status = message["status"]
+                exchange.trailers = message.get("trailers", False)
+                message = self._with_request_id(message, exchange.context.request_id)
+            try:
+                await send(message)
+            except OSError:
+                exchange.disconnected = True
+                raise
+            if kind == "http.response.body":
+                body_length = len(message.get("body", b""))
+                if body_length:
+                    exchange.sent += body_length
+                    if exchange.first_byte_at is None:
+                        exchange.first_byte_at = clock()
+                if not message.get("more_body", False) and not exchange.trailers:
+                    self._complete(exchange)
+            elif kind == "http.response.trailers" and not message.get("more_trailers", False):
+                self._complete(exchange)
+            elif kind == "http.response.pathsend":
+                exchange.sent += _file_size(message["path"])
+                exchange.first_byte_at = clock()
+                self._complete(exchange)
+
+        context_token = _current.set(exchange.context)
+        log_tokens = bind_contextvars(request_id=exchange.context.request_id)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException as error:
+            self._fail(exchange, error)
+            raise
+        else:
+            self._finish(exchange, error=None)
+        finally:
+            reset_contextvars(**log_tokens)
+            _current.reset(context_token)
+
+    def _begin(self, scope: Scope) -> _Exchange:
+        method = normalize_method(scope["method"])
+        route = self._routes.resolve(_routes_of(scope, self.app), scope)
+        headers = scope.get("headers", [])
+        request_id = request_id_from(header_value(headers, self._id_header))
+        series = self._metrics.series(method, route)
+        series.active.inc()
+        context = RequestContext(request_id, method, route, scope["path"])
+        return _Exchange(series, context, self._clock())
+
+    def _with_request_id(self, message: Message, request_id: str) -> Message:
+        headers = list(message.get("headers", ()))
+        if header_value(headers, self._id_header) is None:
+            headers.append((self._id_header, request_id.encode("ascii")))
+        return {**message, "headers": headers}
+
+    def _complete(self, exchange: _Exchange) -> None:
+        """The last response byte was handed to the server: the request is done."""
+        exchange.done_at = self._clock()
+        self._finish(exchange, error=None)
+
+    def _fail(self, exchange: _Exchange, error: BaseException) -> None:
+        if not _caused_by_client(exchange, error):
+            try:
+                series = exchange.series
+                error_type = type(error).__name__
+                series.exceptions.labels(series.method, series.route, error_type).inc()
+            except Exception as failure:
+                self._log_failure("exception", failure)
+        self._finish(exchange, error=error)
+
+    def _finish(self, exchange: _Exchange, *, error: BaseException | None) -> None:
+        if exchange.finished:
+            return
+        exchange.finished = True
+        try:
+            self._record(exchange, error)
+        except Exception as failure:
+            self._log_failure("record", failure)
+
+    def _record(self, exchange: _Exchange, error: BaseException | None) -> None:
+        series = exchange.series
+        end = exchange.done_at if exchange.done_at is not None else self._clock()
+        duration = max(end - exchange.start, 0.0)
+        status = exchange.status or _status_without_response(exchange, error)
+        if exchange.done_at is None:
+            reason = _abort_reason(exchange, error)
+            if reason is not None:
+                series.aborted.labels(series.method, series.route, reason).inc()
+        first_byte_at = exchange.first_byte_at if exchange.first_byte_at is not None else end
+        histogram = series.duration(status)
+        if self._exemplars:
+            histogram.observe(duration, {"request_id": exchange.context.request_id})
+        else:
+            histogram.observe(duration)
+        series.time_to_first_byte.observe(max(first_byte_at - exchange.start, 0.0))
+        series.request_size.observe(exchange.received)
+        series.response_size.observe(exchange.sent)
+        series.active.dec()
+        if duration >= self._slow_threshold:
+            series.slow.inc()
+            self._log_slow_request(exchange, status, duration)
+
+    def _log_slow_request(self, exchange: _Exchange, status: int, duration: float) -> None:
+        context = exchange.context
+        ttfb = None if exchange.first_byte_at is None else exchange.first_byte_at - exchange.start
+        logger.warning(
+            "slow_request",
+            request_id=context.request_id,
+            method=context.method,
+            route=context.route,
+            path=context.path[:MAX_LOGGED_PATH],
+            status=status,
+            duration_s=round(duration, 6),
+            threshold_s=self._slow_threshold,
+            ttfb_s=None if ttfb is None else round(ttfb, 6),
+            **context.breakdown(),
+        )
+
+    async def _serve_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            route = self._routes.resolve(_routes_of(scope, self.app), scope)
+            series = self._metrics.websocket_series(route)
+            series.active.inc()
+        except Exception as error:
+            self._log_failure("websocket", error)
+            await self.app(scope, receive, send)
+            return
+        start = self._clock()
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "websocket.receive":
+                series.received.inc()
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            await send(message)
+            if message["type"] == "websocket.send":
+                series.sent.inc()
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            series.duration.observe(max(self._clock() - start, 0.0))
+            series.active.dec()
+
+    def _log_failure(self, where: str, error: Exception) -> None:
+        """Log a failure of the instrumentation once per place and type; the app goes on."""
+        key = f"{where}:{type(error).__name__}"
+        if key in self._failures:
+            return
+        self._failures.add(key)
+        logger.error("instrumentation_failed", where=where, error_type=type(error).__name__,
+                     exc_info=error)
+
+
+def _routes_of(scope: Scope, inner_app: Any) -> Sequence[Any] | None:
+    """The top-level routes: those of the app that added this middleware, if any."""
+    app = scope.get("app")
+    router = getattr(app, "router", None) or getattr(inner_app, "router", None)
+    if router is None and hasattr(inner_app, "routes"):
+        router = inner_app
+    routes = getattr(router, "routes", None)
+    return routes if isinstance(routes, Sequence) else None
+
+
+def _caused_by_client(exchange: _Exchange, error: BaseException | None) -> bool:
+    """Whether ``error`` only says that the client went away (cancelled, or send failed)."""
+    if isinstance(error, asyncio.CancelledError):
+        return True
+    return exchange.disconnected and isinstance(error, OSError)
+
+
+def _abort_reason(exchange: _Exchange, error: BaseException | None) -> str | None:
+    """Why a response that never completed was cut short, if it was."""
+    if exchange.disconnected or _caused_by_client(exchange, error):
+        return "client_disconnect"
+    if error is not None and exchange.status:
+        return "error_mid_stream"
+    return None
+
+
+def _status_without_response(exchange: _Exchange, error: BaseException | None) -> int:
+    """499 when the client left before any response, else the 500 the server will send."""
+    if error is None:
+        return 499 if exchange.disconnected else 500
+    return 499 if _caused_by_client(exchange, error) else 500
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _slow_threshold(value: float | None) -> float:
+    if value is None:
+        raw = os.environ.get("PERFMON_SLOW_REQUEST_THRESHOLD")
+        value = DEFAULT_SLOW_REQUEST_THRESHOLD if raw is None else _parse_float(raw)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        msg = f"slow_request_threshold must be a positive number of seconds, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def _parse_float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        msg = f"PERFMON_SLOW_REQUEST_THRESHOLD must be a number of seconds, got {raw!r}."
+        raise ValueError(msg) from None
+
+
+def _label_cap(value: int | None) -> int:
+    if value is None:
+        raw = os.environ.get("PERFMON_MAX_LABEL_VALUES")
+        if raw is None:
+            return DEFAULT_MAX_LABEL_VALUES
+        if not raw.isdigit():
+            msg = f"PERFMON_MAX_LABEL_VALUES must be a positive integer, got {raw!r}."
+            raise ValueError(msg)
+        value = int(raw)
+    return validate_max_label_values(value)
+
+
+def _exclusions(paths: Iterable[str]) -> frozenset[str]:
+    if isinstance(paths, str):
+        msg = "exclude_paths must be a collection of paths, not a single string."
+        raise ValueError(msg)
+    excluded = frozenset(paths)
+    for path in excluded:
+        if not isinstance(path, str) or not path.startswith("/"):
+            msg = f"Every path in exclude_paths must be a string starting with '/', got {path!r}."
+            raise ValueError(msg)
+    return excluded
+
+
+def _header_name(name: str) -> bytes:
+    if not name or not all(c.isalnum() or c in "-_" for c in name) or not name.isascii():
+        msg = f"request_id_header must be a valid HTTP header name, got {name!r}."
+        raise ValueError(msg)
+    return name.lower().encode("ascii")

@@ -1,0 +1,338 @@
+"""``timed``: time an operation as a decorator (sync or async) or a context manager."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar, overload
+
+import structlog
+from prometheus_client import CollectorRegistry, Histogram
+
+from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, BoundedLabels, overflow_counter
+from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
+from asgi_perfmon.context import _current, _operation
+from asgi_perfmon.metrics import DEFAULT_BUCKETS, validate_buckets
+
+__all__ = ["Timed", "timed"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+OK = "ok"
+ERROR = "error"
+
+logger = structlog.get_logger("asgi_perfmon")
+_stdlib_logger = logging.getLogger("asgi_perfmon")
+
+
+class _Family(NamedTuple):
+    buckets: tuple[float, ...]
+    children: BoundedLabels[Any]
+
+
+def _family(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Family:
+    """``operation_duration_seconds{operation,outcome}`` in ``registry``, shared."""
+    name = metric_name(namespace, "operation_duration_seconds")
+
+    def build() -> _Family:
+        histogram = Histogram(
+            name,
+            "Duration of operations timed with asgi_perfmon.timed, by outcome.",
+            ["operation", "outcome"],
+            registry=registry,
+            buckets=buckets,
+        )
+        children: BoundedLabels[Any] = BoundedLabels(
+            histogram,
+            name=name,
+            label_count=2,
+            max_values=DEFAULT_MAX_LABEL_VALUES,
+            overflow=overflow_counter(registry, namespace),
+        )
+        return _Family(buckets, children)
+
+    family = shared(registry, ("operation_duration", namespace), build)
+    if family.buckets != buckets:
+        msg = (
+            "This registry already holds operation_duration_seconds with other buckets; pass "
+            "the same buckets to every timed(), or use a separate registry or namespace."
+        )
+        raise ValueError(msg)
+    return family
+
+
+class _Operation:
+    """One named operation: its cached metric children and what to do when it ends.
+
+    ``record`` is called from ``finally`` blocks, so it must never raise: a failure of the
+    instrumentation is logged once and otherwise ignored.
+    """
+
+    __slots__ = ("_error", "_failed", "_ok", "clock", "name", "slow_threshold")
+
+    def __init__(
+        self,
+        name: str,
+        family: _Family,
+        slow_threshold: float | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.slow_threshold = slow_threshold
+        self.clock = clock
+        # Both series exist from the start, so an error rate can be computed before any error.
+        self._ok = family.children.labels(name, OK)
+        self._error = family.children.labels(name, ERROR)
+        self._failed = False
+
+    def record(self, start: float, outcome: str) -> None:
+        """Observe the time since ``start`` and add it to the request's breakdown."""
+        try:
+            duration = max(self.clock() - start, 0.0)
+            (self._ok if outcome == OK else self._error).observe(duration)
+            request = _current.get()
+            if request is not None:
+                request.add_operation(self.name, duration)
+            if self.slow_threshold is not None and duration >= self.slow_threshold:
+                logger.warning(
+                    "slow_operation",
+                    operation=self.name,
+                    duration_s=round(duration, 6),
+                    threshold_s=self.slow_threshold,
+                    outcome=outcome,
+                )
+        except Exception:
+            self._report_failure()
+
+    def _report_failure(self) -> None:
+        # Through stdlib logging: structlog itself may be what failed.
+        if not self._failed:
+            self._failed = True
+            _stdlib_logger.exception("timed(%r) could not record a measurement", self.name)
+
+
+class _Entry(NamedTuple):
+    """One active ``with`` block of a :class:`Timed` object."""
+
+    owner: Timed
+    operation: _Operation
+    start: float
+    token: Token[str | None]
+
+
+# The open ``with timed(...)`` blocks of the current task or thread, innermost last. Kept in a
+# ContextVar so one Timed object can be entered concurrently by many tasks, and nested.
+_entries: ContextVar[tuple[_Entry, ...]] = ContextVar("asgi_perfmon_timed", default=())
+
+
+class Timed:
+    """An operation timer; build it with :func:`timed`.
+
+    As a decorator it wraps sync and async functions (``inspect.iscoroutinefunction`` stays
+    true). As a context manager it works with ``with`` and ``async with``; one object may be
+    entered by many tasks at once and nested, since every entry keeps its own start time.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        slow_threshold: float | None = None,
+        registry: CollectorRegistry | None = None,
+        namespace: str | None = None,
+        buckets: Sequence[float] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            msg = f"The operation name must be a non-empty string, got {name!r}."
+            raise ValueError(msg)
+        self._slow_threshold = _validate_threshold(slow_threshold)
+        self._clock = clock
+        self._family = _family(
+            resolve_registry(registry),
+            resolve_namespace(namespace),
+            DEFAULT_BUCKETS if buckets is None else validate_buckets(buckets),
+        )
+        self._operation = None if name is None else self._bind(name)
+
+    @property
+    def name(self) -> str | None:
+        """The operation name given at declaration, if any."""
+        return None if self._operation is None else self._operation.name
+
+    def _bind(self, name: str) -> _Operation:
+        return _Operation(name, self._family, self._slow_threshold, self._clock)
+
+    def __call__(self, func: F) -> F:
+        """Decorate ``func``; the operation is named after it unless a name was given."""
+        if not callable(func):
+            msg = f"timed() decorates functions; {func!r} is not callable."  # type: ignore[unreachable]
+            raise TypeError(msg)
+        if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
+            msg = (
+                f"timed() cannot decorate the generator function {func.__qualname__}: calling "
+                "it only creates the generator. Use `with timed(...)` inside its body instead."
+            )
+            raise TypeError(msg)
+        operation = self._operation or self._bind(func.__qualname__)
+        if inspect.iscoroutinefunction(func):
+            return _wrap_async(func, operation)
+        return _wrap_sync(func, operation)
+
+    def __enter__(self) -> None:
+        operation = self._operation
+        if operation is None:
+            msg = 'timed() needs a name when used as a context manager: `with timed("name"):`.'
+            raise TypeError(msg)
+        token = _operation.set(operation.name)
+        _entries.set((*_entries.get(), _Entry(self, operation, operation.clock(), token)))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        entry = self._pop_entry()
+        if entry is None:
+            return
+        _reset_operation(entry.token)
+        entry.operation.record(entry.start, OK if exc_type is None else ERROR)
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def _pop_entry(self) -> _Entry | None:
+        """Remove this object's innermost open entry (normally the last one)."""
+        entries = _entries.get()
+        for index in range(len(entries) - 1, -1, -1):
+            if entries[index].owner is self:
+                _entries.set(entries[:index] + entries[index + 1 :])
+                return entries[index]
+        return None  # exited in another context than it was entered: nothing to measure
+
+
+def _reset_operation(token: Token[str | None]) -> None:
+    # A token from another context (entered there, exited here): leave that context alone.
+    with contextlib.suppress(ValueError):
+        _operation.reset(token)
+
+
+def _wrap_sync(func: F, operation: _Operation) -> F:
+    clock = operation.clock
+    record = operation.record
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _operation.set(operation.name)
+        outcome = ERROR
+        start = clock()
+        try:
+            result = func(*args, **kwargs)
+            outcome = OK
+            return result
+        finally:
+            _operation.reset(token)
+            record(start, outcome)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _wrap_async(func: F, operation: _Operation) -> F:
+    clock = operation.clock
+    record = operation.record
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _operation.set(operation.name)
+        outcome = ERROR
+        start = clock()
+        try:
+            result = await func(*args, **kwargs)
+            outcome = OK
+            return result
+        finally:
+            _operation.reset(token)
+            record(start, outcome)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _validate_threshold(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        msg = f"slow_threshold must be a number of seconds, got {value!r}."
+        raise ValueError(msg)
+    if value < 0:
+        msg = f"slow_threshold must not be negative, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+@overload
+def timed(name: F, /) -> F: ...
+
+
+@overload
+def timed(
+    name: str | None = None,
+    *,
+    slow_threshold: float | None = None,
+    registry: CollectorRegistry | None = None,
+    namespace: str | None = None,
+    buckets: Sequence[float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Timed: ...
+
+
+def timed(
+    name: str | Callable[..., Any] | None = None,
+    *,
+    slow_threshold: float | None = None,
+    registry: CollectorRegistry | None = None,
+    namespace: str | None = None,
+    buckets: Sequence[float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Any:
+    """Time an operation into ``operation_duration_seconds{operation, outcome}``.
+
+    Use it as ``@timed``, ``@timed()``, ``@timed("name")``, ``with timed("name"):`` or
+    ``async with timed("name"):``. The operation name is fixed here (default: the decorated
+    function's ``__qualname__``), so the label stays bounded. An exception propagates
+    unchanged and counts as ``outcome="error"`` (cancellation too). While the operation runs,
+    :func:`asgi_perfmon.context.current_operation` returns its name; when it ends, its duration
+    is added to the breakdown of the request in flight, if any, and a ``slow_operation``
+    warning is logged when it took ``slow_threshold`` seconds or more.
+    """
+    if callable(name):
+        return Timed(
+            slow_threshold=slow_threshold,
+            registry=registry,
+            namespace=namespace,
+            buckets=buckets,
+            clock=clock,
+        )(name)
+    return Timed(
+        name,
+        slow_threshold=slow_threshold,
+        registry=registry,
+        namespace=namespace,
+        buckets=buckets,
+        clock=clock,
+    )
