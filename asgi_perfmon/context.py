@@ -33,7 +33,11 @@ class OperationTotals:
             self.max_s = seconds
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"count": self.count, "total_s": round(self.total_s, 6), "max_s": round(self.max_s, 6)}
+        return {
+            "count": self.count,
+            "total_s": round(self.total_s, 6),
+            "max_s": round(self.max_s, 6),
+        }
 
 
 @dataclass

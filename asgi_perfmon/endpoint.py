@@ -59,7 +59,11 @@ class MetricsApp:
         accept = request.headers.get("accept", "")
         names = request.query_params.getlist("name[]")
         body, content_type = await anyio.to_thread.run_sync(self._render, accept, names)
-        headers = {"Content-Type": content_type, "Cache-Control": "no-store", "Vary": "Accept, Accept-Encoding"}
+        headers = {
+            "Content-Type": content_type,
+            "Cache-Control": "no-store",
+            "Vary": "Accept, Accept-Encoding",
+        }
         if self._gzip_wanted(request, body):
             body = gzip.compress(body, compresslevel=6)
             headers["Content-Encoding"] = "gzip"

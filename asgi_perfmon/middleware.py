@@ -12,12 +12,12 @@ import structlog
 from prometheus_client import CollectorRegistry
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from asgi_perfmon._version import __version__
 from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, validate_max_label_values
 from asgi_perfmon._registry import resolve_namespace, resolve_registry
 from asgi_perfmon._request_id import header_value, request_id_from
 from asgi_perfmon._routes import RouteResolver, route_path
 from asgi_perfmon._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_perfmon._version import __version__
 from asgi_perfmon.context import RequestContext, _current
 from asgi_perfmon.metrics import (
     DEFAULT_BUCKETS,
@@ -41,8 +41,8 @@ class _Exchange:
         "context",
         "disconnected",
         "done_at",
-        "first_byte_at",
         "finished",
+        "first_byte_at",
         "received",
         "sent",
         "series",
@@ -280,8 +280,9 @@ class PerfMonMiddleware:
         if key in self._failures:
             return
         self._failures.add(key)
-        logger.error("instrumentation_failed", where=where, error_type=type(error).__name__,
-                     exc_info=error)
+        logger.error(
+            "instrumentation_failed", where=where, error_type=type(error).__name__, exc_info=error
+        )
 
 
 def _routes_of(scope: Scope, inner_app: Any) -> Sequence[Any] | None:

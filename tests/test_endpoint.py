@@ -1,0 +1,175 @@
+"""The /metrics endpoint: no redirect, negotiation, exemplars, gzip, filtering, token, schema."""
+
+from __future__ import annotations
+
+import gzip
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_perfmon import PerfMonMiddleware, metrics_app, metrics_endpoint
+from tests._helpers import client
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+async def ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def instrumented(registry: CollectorRegistry, **endpoint_options: Any) -> Starlette:
+    app = Starlette(routes=[Route("/r", ok)])
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+    app.add_route("/metrics", metrics_app(registry, **endpoint_options))
+    return app
+
+
+async def test_metrics_answers_directly_without_redirect(registry: CollectorRegistry) -> None:
+    """``GET /metrics`` is a 200 with the text format, not a 307 to ``/metrics/``."""
+    async with client(instrumented(registry), follow_redirects=False) as http:
+        await http.get("/r")
+        response = await http.get("/metrics")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'http_server_request_duration_seconds_count{http_request_method="GET"' in response.text
+
+
+async def test_openmetrics_negotiation_carries_request_id_exemplars(
+    registry: CollectorRegistry,
+) -> None:
+    """With OpenMetrics accepted, duration buckets carry the request id as an exemplar."""
+    async with client(instrumented(registry)) as http:
+        await http.get("/r", headers={"X-Request-ID": "exemplar-1"})
+        response = await http.get("/metrics", headers={"Accept": OPENMETRICS})
+
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+    bucket_lines = [
+        line
+        for line in response.text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_bucket")
+    ]
+    assert any('# {request_id="exemplar-1"}' in line for line in bucket_lines)
+
+
+async def test_text_format_has_no_exemplars(registry: CollectorRegistry) -> None:
+    """The classic text format cannot carry exemplars, so none appear."""
+    async with client(instrumented(registry)) as http:
+        await http.get("/r", headers={"X-Request-ID": "exemplar-1"})
+        response = await http.get("/metrics")
+
+    assert "exemplar-1" not in response.text
+
+
+async def test_gzip_when_accepted(registry: CollectorRegistry) -> None:
+    """``Accept-Encoding: gzip`` gets a gzip body that decodes to the exposition."""
+    async with client(instrumented(registry)) as http:
+        await http.get("/r")
+        plain = await http.get("/metrics", headers={"Accept-Encoding": "identity"})
+        zipped = await http.send(
+            http.build_request("GET", "/metrics", headers={"Accept-Encoding": "gzip"}), stream=True
+        )
+        raw = b"".join([chunk async for chunk in zipped.aiter_raw()])
+
+    assert "content-encoding" not in plain.headers
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert b"http_server_request_duration_seconds" in gzip.decompress(raw)
+
+
+async def test_name_filter(registry: CollectorRegistry) -> None:
+    """``?name[]=`` restricts the output to the named families."""
+    async with client(instrumented(registry)) as http:
+        await http.get("/r")
+        response = await http.get("/metrics", params={"name[]": "asgi_perfmon_info"})
+
+    assert "asgi_perfmon_info" in response.text
+    assert "http_server_request_duration_seconds" not in response.text
+
+
+async def test_token_required_when_configured(registry: CollectorRegistry) -> None:
+    """Wrong or missing bearer tokens get 401 and reveal nothing; the right one gets metrics."""
+    async with client(instrumented(registry, token="s3cret")) as http:
+        missing = await http.get("/metrics")
+        wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
+        right = await http.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+
+    assert (401, 401, 200) == (missing.status_code, wrong.status_code, right.status_code)
+    assert missing.text == wrong.text == "Unauthorized"
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert "asgi_perfmon_info" in right.text
+
+
+async def test_token_from_environment(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PERFMON_METRICS_TOKEN`` configures the token."""
+    monkeypatch.setenv("PERFMON_METRICS_TOKEN", "env-token")
+    async with client(instrumented(registry)) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        assert (
+            await http.get("/metrics", headers={"Authorization": "Bearer env-token"})
+        ).status_code == 200
+
+
+async def test_only_get_and_head(registry: CollectorRegistry) -> None:
+    """Other methods get 405."""
+    async with client(instrumented(registry)) as http:
+        response = await http.post("/metrics")
+
+    assert response.status_code == 405
+
+
+async def test_metrics_endpoint_function_serves_the_default_registry() -> None:
+    """``metrics_endpoint`` is a plain Starlette endpoint over prometheus-client's registry."""
+    Counter("perfmon_endpoint_probe", "probe").inc()
+    app = Starlette(routes=[Route("/metrics", metrics_endpoint)])
+    async with client(app) as http:
+        response = await http.get("/metrics")
+
+    assert "perfmon_endpoint_probe_total 1.0" in response.text
+
+
+async def test_hidden_from_openapi(registry: CollectorRegistry) -> None:
+    """On FastAPI, the metrics route does not appear in the OpenAPI schema."""
+    app = FastAPI()
+
+    @app.get("/items")
+    async def items() -> list[int]:
+        return []
+
+    app.add_route("/metrics", metrics_app(registry))
+    async with client(app) as http:
+        schema = (await http.get("/openapi.json")).json()
+        metrics = await http.get("/metrics")
+
+    assert "/items" in schema["paths"]
+    assert "/metrics" not in schema["paths"]
+    assert metrics.status_code == 200
+
+
+async def test_scrape_is_rendered_off_the_event_loop(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collection runs in a worker thread, so a slow collector does not stall the loop."""
+    import threading
+
+    threads: list[str] = []
+
+    class Probe:
+        def collect(self) -> list[Any]:
+            threads.append(threading.current_thread().name)
+            return []
+
+    registry.register(Probe())  # type: ignore[arg-type]
+    async with client(instrumented(registry)) as http:
+        await http.get("/metrics")
+
+    assert threads
+    assert threading.main_thread().name not in threads

@@ -1,0 +1,285 @@
+"""The route template matrix: every way an app can route, on FastAPI and on plain Starlette."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Host, Mount, Route, Router, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from asgi_perfmon import PerfMonMiddleware
+from asgi_perfmon._routes import UNMATCHED
+from tests._helpers import client, recorded_requests, samples
+
+
+async def text(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+async def echo_socket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(await websocket.receive_text())
+    await websocket.close()
+
+
+def fastapi_app(static_dir: Path, **options: Any) -> FastAPI:
+    app = FastAPI(**options)
+
+    @app.get("/users/{user_id}")
+    async def get_user(user_id: int) -> dict[str, int]:
+        return {"id": user_id}
+
+    inner = APIRouter(prefix="/v1")
+
+    @inner.get("/orders/{order_id}")
+    async def get_order(order_id: int) -> dict[str, int]:
+        return {"id": order_id}
+
+    outer = APIRouter(prefix="/shop")
+    outer.include_router(inner)
+    app.include_router(outer, prefix="/api")
+
+    plain = APIRouter()
+
+    @plain.post("/items")
+    async def create_item() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.include_router(plain, prefix="/catalog")
+
+    sub = FastAPI()
+    sub_router = APIRouter(prefix="/items")
+
+    @sub_router.get("/{item_id}")
+    async def sub_item(item_id: str) -> dict[str, str]:
+        return {"id": item_id}
+
+    sub.include_router(sub_router)
+    app.mount("/subapi", sub)
+    app.mount("/star", Starlette(routes=[Route("/thing/{x}", text)]))
+    app.mount("/static", StaticFiles(directory=static_dir))
+    app.add_middleware(CORSMiddleware, allow_origins=["https://example.com"], allow_methods=["*"])
+    return app
+
+
+def starlette_app(static_dir: Path) -> Starlette:
+    api = Router(
+        routes=[
+            Route("/orders/{order_id:int}", text),
+            Mount("/deep", routes=[Route("/{leaf}", text)]),
+        ]
+    )
+    return Starlette(
+        routes=[
+            Route("/users/{user_id:int}", text),
+            Route("/slash/", text),
+            Mount("/api", app=api),
+            Mount("/sub", app=Starlette(routes=[Route("/thing/{x}", text)])),
+            Mount("/static", StaticFiles(directory=static_dir)),
+            Host("admin.example.com", app=Router(routes=[Route("/panel/{section}", text)])),
+            WebSocketRoute("/ws/{room}", echo_socket),
+        ],
+        middleware=[
+            Middleware(CORSMiddleware, allow_origins=["https://example.com"], allow_methods=["*"])
+        ],
+    )
+
+
+@pytest.fixture
+def static_dir(tmp_path: Path) -> Path:
+    (tmp_path / "a.txt").write_text("static")
+    return tmp_path
+
+
+async def route_of(
+    app: Any, registry: CollectorRegistry, method: str, path: str, **kw: Any
+) -> tuple[str, str]:
+    """Send one request; return (route label, status label) recorded for it."""
+    transport_kw = {k: kw.pop(k) for k in ("root_path",) if k in kw}
+    async with client(app, follow_redirects=False, **transport_kw) as http:
+        response = await http.request(method, path, **kw)
+    recorded = recorded_requests(registry)
+    assert len(recorded) == 1, recorded
+    ((_method, route, status),) = recorded
+    assert status == str(response.status_code)
+    return route, status
+
+
+FASTAPI_CASES = [
+    ("GET", "/users/42", "/users/{user_id}", "200"),
+    ("GET", "/api/shop/v1/orders/7", "/api/shop/v1/orders/{order_id}", "200"),
+    ("POST", "/catalog/items", "/catalog/items", "200"),
+    ("GET", "/subapi/items/abc", "/subapi/items/{item_id}", "200"),
+    ("GET", "/subapi/missing/x", UNMATCHED, "404"),
+    ("GET", "/star/thing/1", "/star/thing/{x}", "200"),
+    ("GET", "/static/a.txt", "/static/{path}", "200"),
+    ("GET", "/static/nothing-here.txt", "/static/{path}", "404"),
+    ("GET", "/nope/12345", UNMATCHED, "404"),
+    ("PUT", "/users/42", "/users/{user_id}", "405"),
+    ("HEAD", "/users/42", "/users/{user_id}", "405"),
+    ("GET", "/users/42/", "/users/{user_id}", "307"),
+    ("GET", "/docs", "/docs", "200"),
+    ("GET", "/openapi.json", "/openapi.json", "200"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "template", "status"), FASTAPI_CASES)
+async def test_fastapi_route_templates(
+    static_dir: Path,
+    registry: CollectorRegistry,
+    method: str,
+    path: str,
+    template: str,
+    status: str,
+) -> None:
+    """FastAPI: nested include_router prefixes, mounts, static files, 404/405/307, docs."""
+    app = fastapi_app(static_dir)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert (template, status) == await route_of(app, registry, method, path)
+
+
+STARLETTE_CASES = [
+    ("GET", "/users/42", {}, "/users/{user_id}", "200"),
+    ("HEAD", "/users/42", {}, "/users/{user_id}", "200"),
+    ("POST", "/users/42", {}, "/users/{user_id}", "405"),
+    ("GET", "/slash", {}, "/slash/", "307"),
+    ("GET", "/api/orders/9", {}, "/api/orders/{order_id}", "200"),
+    ("GET", "/api/deep/leafy", {}, "/api/deep/{leaf}", "200"),
+    ("GET", "/sub/thing/x", {}, "/sub/thing/{x}", "200"),
+    ("GET", "/static/a.txt", {}, "/static/{path}", "200"),
+    ("GET", "/panel/users", {"host": "admin.example.com"}, "/panel/{section}", "200"),
+    ("GET", "/panel/users", {"host": "other.example.com"}, UNMATCHED, "404"),
+    ("GET", "/users/not-a-number", {}, UNMATCHED, "404"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "template", "status"), STARLETTE_CASES)
+async def test_starlette_route_templates(
+    static_dir: Path,
+    registry: CollectorRegistry,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    template: str,
+    status: str,
+) -> None:
+    """Plain Starlette: converters dropped, Mount, Host, sub-apps, StaticFiles, HEAD, redirects."""
+    app = starlette_app(static_dir)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert (template, status) == await route_of(app, registry, method, path, headers=headers)
+
+
+PREFLIGHT = {"origin": "https://example.com", "access-control-request-method": "GET"}
+
+
+async def test_fastapi_cors_preflight_gets_the_route_template(
+    static_dir: Path, registry: CollectorRegistry
+) -> None:
+    """A CORS preflight OPTIONS, answered by CORSMiddleware, is labelled with the template."""
+    app = fastapi_app(static_dir)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert ("/users/{user_id}", "200") == await route_of(
+        app, registry, "OPTIONS", "/users/42", headers=PREFLIGHT
+    )
+
+
+async def test_starlette_cors_preflight_gets_the_route_template(
+    static_dir: Path, registry: CollectorRegistry
+) -> None:
+    """The same on plain Starlette, where the CORS middleware was given to the constructor."""
+    app = starlette_app(static_dir)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert ("/api/orders/{order_id}", "200") == await route_of(
+        app, registry, "OPTIONS", "/api/orders/3", headers=PREFLIGHT
+    )
+
+
+@pytest.mark.filterwarnings("ignore:The .root_path. parameter is deprecated")
+async def test_fastapi_root_path_option(static_dir: Path, registry: CollectorRegistry) -> None:
+    """``FastAPI(root_path=...)``: templates stay relative to the root path."""
+    app = fastapi_app(static_dir, root_path="/proxy")
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert ("/api/shop/v1/orders/{order_id}", "200") == await route_of(
+        app, registry, "GET", "/api/shop/v1/orders/1"
+    )
+
+
+async def test_server_root_path(static_dir: Path, registry: CollectorRegistry) -> None:
+    """A server ``--root-path`` (path arrives prefixed): templates stay root-relative."""
+    app = fastapi_app(static_dir)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert ("/users/{user_id}", "200") == await route_of(
+        app, registry, "GET", "/gateway/users/5", root_path="/gateway"
+    )
+
+
+def test_websocket_route_template(static_dir: Path, registry: CollectorRegistry) -> None:
+    """Websocket connections are labelled with their route template."""
+    app = starlette_app(static_dir)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    with TestClient(app) as test_client, test_client.websocket_connect("/ws/lobby") as ws:
+        ws.send_text("hi")
+        assert ws.receive_text() == "hi"
+
+    assert [({"http_route": "/ws/{room}"}, 1.0)] == samples(
+        registry, "websocket_server_connection_duration_seconds_count"
+    )
+
+
+async def test_route_resolution_is_cached(static_dir: Path, registry: CollectorRegistry) -> None:
+    """Repeated requests for one path are answered from the resolver's bounded cache."""
+    app = fastapi_app(static_dir)
+    middleware = PerfMonMiddleware(app, registry=registry)
+    calls = 0
+    original = middleware._routes._resolve_uncached
+
+    def counting(*args: Any) -> str:
+        nonlocal calls
+        calls += 1
+        return original(*args)
+
+    middleware._routes._resolve_uncached = counting  # type: ignore[method-assign]
+    async with client(middleware) as http:
+        for _ in range(5):
+            await http.get("/users/1")
+        await http.get("/users/2")
+
+    assert calls == 2
+
+
+async def test_route_that_raises_in_matches_never_breaks_the_request(
+    registry: CollectorRegistry,
+) -> None:
+    """A custom route whose ``matches`` fails is labelled unmatched; the response is intact."""
+
+    class Broken(Route):
+        def matches(self, scope: Any) -> Any:
+            if "query_string" not in scope:  # only the middleware's re-match lacks it
+                raise RuntimeError("custom route bug")
+            return super().matches(scope)
+
+    app = Starlette(routes=[Broken("/x", text)])
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+    async with client(app) as http:
+        response = await http.get("/x")
+
+    assert response.status_code == 200
+    assert {("GET", UNMATCHED, "200"): 1.0} == recorded_requests(registry)
