@@ -53,6 +53,7 @@ class RouteSeries:
         "active",
         "exceptions",
         "method",
+        "next_exemplar_at",
         "request_size",
         "response_size",
         "route",
@@ -72,6 +73,7 @@ class RouteSeries:
         self.exceptions = metrics.exceptions
         self._duration = metrics.duration
         self._by_status: dict[int, Any] = {}
+        self.next_exemplar_at = 0.0
 
     def duration(self, status: int) -> Any:
         """The duration histogram child for ``status``."""

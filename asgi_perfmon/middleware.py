@@ -31,6 +31,12 @@ from asgi_perfmon.metrics import (
 logger = structlog.get_logger("asgi_perfmon")
 
 DEFAULT_SLOW_REQUEST_THRESHOLD = 1.0
+EXEMPLAR_INTERVAL = 1.0
+"""Seconds between exemplars on one route's series; slow requests always get one.
+
+prometheus-client validates every exemplar, which costs more than the observation itself;
+one a second per series is plenty for a scrape every few seconds.
+"""
 MAX_LOGGED_PATH = 512
 
 
@@ -218,7 +224,9 @@ class PerfMonMiddleware:
                 series.aborted.labels(series.method, series.route, reason).inc()
         first_byte_at = exchange.first_byte_at if exchange.first_byte_at is not None else end
         histogram = series.duration(status)
-        if self._exemplars:
+        slow = duration >= self._slow_threshold
+        if self._exemplars and (slow or end >= series.next_exemplar_at):
+            series.next_exemplar_at = end + EXEMPLAR_INTERVAL
             histogram.observe(duration, {"request_id": exchange.context.request_id})
         else:
             histogram.observe(duration)
@@ -226,7 +234,7 @@ class PerfMonMiddleware:
         series.request_size.observe(exchange.received)
         series.response_size.observe(exchange.sent)
         series.active.dec()
-        if duration >= self._slow_threshold:
+        if slow:
             series.slow.inc()
             self._log_slow_request(exchange, status, duration)
 

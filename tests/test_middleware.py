@@ -717,3 +717,33 @@ async def test_httpx_client_sees_the_request_id_header(registry: CollectorRegist
         response: httpx.Response = await http.get("/id")
 
     assert response.headers["x-request-id"] == response.json()["context"]
+
+
+def exemplar_ids(registry: CollectorRegistry) -> set[str]:
+    return {
+        sample.exemplar.labels["request_id"]
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "http_server_request_duration_seconds_bucket" and sample.exemplar
+    }
+
+
+async def test_exemplars_are_rate_limited_but_slow_requests_always_get_one(
+    registry: CollectorRegistry,
+) -> None:
+    """One exemplar per second per route keeps the cost low; a slow request always carries one."""
+    clock = FakeClock()
+    delays = iter([0.01, 0.01, 2.0, 0.01])
+
+    async def handler(request: Request) -> Response:
+        clock.now += next(delays)
+        return PlainTextResponse("ok")
+
+    app = PerfMonMiddleware(
+        Starlette(routes=[Route("/e", handler)]), registry=registry, clock=clock
+    )
+    async with client(app) as http:
+        for request_id in ("first", "second", "slow", "after-slow"):
+            await http.get("/e", headers={"X-Request-ID": request_id})
+
+    assert {"first", "slow"} == exemplar_ids(registry)
