@@ -22,7 +22,9 @@ How it is wired:
 What is not seen: explicit prepared statements (``con.prepare(...)``), cursors, and the
 ``copy_*`` methods of a connection (the pool's ``copy_*`` shortcuts are timed as ``COPY``);
 queries on connections that were never acquired through the facade; queries in the pool's
-``init`` hook. Queries in a custom ``reset`` hook are counted like any other.
+``init`` hook; a query that fails because its connection was lost, when it ran on a connection
+the application holds (asyncpg drops the loggers with the connection; the facade's shortcuts
+count it). Queries in a custom ``reset`` hook are counted like any other.
 """
 
 from __future__ import annotations
@@ -532,33 +534,39 @@ class InstrumentedPool:
 
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.execute``, acquiring through this facade."""
-        async with self.acquire() as connection:
-            return await connection.execute(query, *args, **kwargs)
+        return await self._query("execute", query, *args, **kwargs)
 
     async def executemany(self, command: str, args: Any, **kwargs: Any) -> Any:
         """``Pool.executemany``, acquiring through this facade."""
-        async with self.acquire() as connection:
-            return await connection.executemany(command, args, **kwargs)
+        return await self._query("executemany", command, args, **kwargs)
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.fetch``, acquiring through this facade."""
-        async with self.acquire() as connection:
-            return await connection.fetch(query, *args, **kwargs)
+        return await self._query("fetch", query, *args, **kwargs)
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.fetchrow``, acquiring through this facade."""
-        async with self.acquire() as connection:
-            return await connection.fetchrow(query, *args, **kwargs)
+        return await self._query("fetchrow", query, *args, **kwargs)
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.fetchval``, acquiring through this facade."""
-        async with self.acquire() as connection:
-            return await connection.fetchval(query, *args, **kwargs)
+        return await self._query("fetchval", query, *args, **kwargs)
 
     async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> Any:
         """``Pool.fetchmany``, acquiring through this facade."""
+        return await self._query("fetchmany", query, args, **kwargs)
+
+    async def _query(self, method: str, query: str, *args: Any, **kwargs: Any) -> Any:
         async with self.acquire() as connection:
-            return await connection.fetchmany(query, args, **kwargs)
+            start = perf_counter()
+            try:
+                return await getattr(connection, method)(query, *args, **kwargs)
+            except BaseException as error:
+                # asyncpg drops its query loggers when a connection is lost, before the
+                # failing query resumes: that failure is only seen here.
+                if _is_closed(connection):
+                    self._recorder.record(query, perf_counter() - start, error)
+                raise
 
     async def copy_from_table(self, table_name: str, **kwargs: Any) -> Any:
         """``Pool.copy_from_table``, acquiring through this facade, timed as ``COPY``."""
@@ -743,6 +751,14 @@ def _require_pool(pool: Any) -> None:
             f"without {', '.join(missing)}."
         )
         raise TypeError(msg)
+
+
+def _is_closed(connection: Any) -> bool:
+    """Whether ``connection`` is closed; a lost connection's proxy is detached and raises."""
+    try:
+        return bool(connection.is_closed())
+    except Exception:
+        return True
 
 
 def _loop_is_running() -> bool:
