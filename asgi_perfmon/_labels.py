@@ -5,15 +5,13 @@ from __future__ import annotations
 import threading
 from typing import Any, Generic, TypeVar
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter
 
+from asgi_perfmon._logging import log_safely
 from asgi_perfmon._registry import metric_name, shared
 
 OVERFLOW = "__overflow__"
 DEFAULT_MAX_LABEL_VALUES = 1000
-
-logger = structlog.get_logger("asgi_perfmon")
 
 ChildT = TypeVar("ChildT")
 
@@ -100,7 +98,8 @@ class BoundedLabels(Generic[ChildT]):
         if self._warned:
             return
         self._warned = True
-        logger.warning(
+        log_safely(
+            "warning",
             "label_overflow",
             metric=self._name,
             max_label_values=self._max_values,

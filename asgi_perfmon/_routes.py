@@ -13,17 +13,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import structlog
 from starlette.routing import BaseRoute, Host, Match
 
+from asgi_perfmon._logging import FailureLog
 from asgi_perfmon._types import Scope
 
 UNMATCHED = "__unmatched__"
 """The ``http_route`` of a request that matches no route (404)."""
 
 DEFAULT_CACHE_SIZE = 4096
-
-logger = structlog.get_logger("asgi_perfmon")
 
 
 def route_path(scope: Scope) -> str:
@@ -64,7 +62,7 @@ class RouteResolver:
         self._cache_size = cache_size
         self._cache: dict[tuple[Any, ...], str] = {}
         self._flattened: dict[int, tuple[Sequence[Any], int, list[Any]]] = {}
-        self._failed = False
+        self._failures = FailureLog()
 
     def resolve(self, routes: Sequence[Any] | None, scope: Scope) -> str:
         """The template for ``scope`` (taken before the app ran), or ``UNMATCHED``."""
@@ -93,7 +91,7 @@ class RouteResolver:
             if match is Match.NONE and scope["type"] == "http":
                 template = self._slash_redirect_target(routes, probe)
         except Exception as error:  # a custom route whose matches() raises
-            self._log_failure(error)
+            self._failures.record("route_resolution", error)
             return UNMATCHED
         return template or UNMATCHED
 
@@ -142,11 +140,6 @@ class RouteResolver:
         flat = list(_flatten(routes))
         self._flattened[id(routes)] = (routes, len(routes), flat)
         return flat
-
-    def _log_failure(self, error: Exception) -> None:
-        if not self._failed:
-            self._failed = True
-            logger.error("route_resolution_failed", error_type=type(error).__name__, exc_info=error)
 
 
 def _flatten(routes: Sequence[BaseRoute]) -> Iterable[Any]:

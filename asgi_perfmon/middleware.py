@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, validate_max_label_values
+from asgi_perfmon._logging import FailureLog, log_safely
 from asgi_perfmon._registry import resolve_namespace, resolve_registry
 from asgi_perfmon._request_id import header_value, request_id_from
 from asgi_perfmon._routes import RouteResolver, route_path
@@ -27,8 +27,6 @@ from asgi_perfmon.metrics import (
     normalize_method,
     validate_buckets,
 )
-
-logger = structlog.get_logger("asgi_perfmon")
 
 DEFAULT_SLOW_REQUEST_THRESHOLD = 1.0
 EXEMPLAR_INTERVAL = 1.0
@@ -106,7 +104,7 @@ class PerfMonMiddleware:
             max_label_values=_label_cap(max_label_values),
             version=__version__,
         )
-        self._failures: set[str] = set()
+        self._failures = FailureLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -241,7 +239,8 @@ class PerfMonMiddleware:
     def _log_slow_request(self, exchange: _Exchange, status: int, duration: float) -> None:
         context = exchange.context
         ttfb = None if exchange.first_byte_at is None else exchange.first_byte_at - exchange.start
-        logger.warning(
+        log_safely(
+            "warning",
             "slow_request",
             request_id=context.request_id,
             method=context.method,
@@ -284,13 +283,7 @@ class PerfMonMiddleware:
 
     def _log_failure(self, where: str, error: Exception) -> None:
         """Log a failure of the instrumentation once per place and type; the app goes on."""
-        key = f"{where}:{type(error).__name__}"
-        if key in self._failures:
-            return
-        self._failures.add(key)
-        logger.error(
-            "instrumentation_failed", where=where, error_type=type(error).__name__, exc_info=error
-        )
+        self._failures.record(where, error)
 
 
 def _routes_of(scope: Scope, inner_app: Any) -> Sequence[Any] | None:

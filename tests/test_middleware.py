@@ -747,3 +747,30 @@ async def test_exemplars_are_rate_limited_but_slow_requests_always_get_one(
             await http.get("/e", headers={"X-Request-ID": request_id})
 
     assert {"first", "slow"} == exemplar_ids(registry)
+
+
+async def test_a_raising_log_sink_does_not_break_the_request(registry: CollectorRegistry) -> None:
+    """A broken structlog processor: the slow request still answers and is still counted."""
+    clock = FakeClock()
+
+    def broken_processor(logger: Any, method: str, event: Any) -> Any:
+        raise OSError("log disk full")
+
+    async def handler(request: Request) -> Response:
+        clock.now += 3.0
+        return PlainTextResponse("ok")
+
+    app = PerfMonMiddleware(
+        Starlette(routes=[Route("/s", handler)]), registry=registry, clock=clock
+    )
+    structlog.configure(processors=[broken_processor])
+    try:
+        async with client(app) as http:
+            responses = [await http.get("/s") for _ in range(2)]
+    finally:
+        structlog.reset_defaults()
+
+    assert [200, 200] == [r.status_code for r in responses]
+    assert 2.0 == value(
+        registry, "http_server_slow_requests_total", http_request_method="GET", http_route="/s"
+    )
