@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -40,6 +39,7 @@ class _Family(NamedTuple):
 def _family(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Family:
     """``operation_duration_seconds{operation,outcome}`` in ``registry``, shared."""
     name = metric_name(namespace, "operation_duration_seconds")
+    overflow = overflow_counter(registry, namespace)
 
     def build() -> _Family:
         histogram = Histogram(
@@ -54,7 +54,7 @@ def _family(registry: CollectorRegistry, namespace: str, buckets: tuple[float, .
             name=name,
             label_count=2,
             max_values=DEFAULT_MAX_LABEL_VALUES,
-            overflow=overflow_counter(registry, namespace),
+            overflow=overflow,
         )
         return _Family(buckets, children)
 
@@ -119,17 +119,18 @@ class _Operation:
 
 
 class _Entry(NamedTuple):
-    """One active ``with`` block of a :class:`Timed` object."""
+    """One open ``with`` block of a :class:`Timed` object, linked to the block it is in."""
 
     owner: Timed
     operation: _Operation
     start: float
-    token: Token[str | None]
+    token: Token[str | None] | None
+    outer: _Entry | None
 
 
-# The open ``with timed(...)`` blocks of the current task or thread, innermost last. Kept in a
-# ContextVar so one Timed object can be entered concurrently by many tasks, and nested.
-_entries: ContextVar[tuple[_Entry, ...]] = ContextVar("asgi_perfmon_timed", default=())
+# The innermost open ``with timed(...)`` block of the current task or thread. Kept in a
+# ContextVar so that one Timed object can be entered by many tasks at once, and nested.
+_entries: ContextVar[_Entry | None] = ContextVar("asgi_perfmon_timed", default=None)
 
 
 class Timed:
@@ -192,7 +193,7 @@ class Timed:
             msg = 'timed() needs a name when used as a context manager: `with timed("name"):`.'
             raise TypeError(msg)
         token = _operation.set(operation.name)
-        _entries.set((*_entries.get(), _Entry(self, operation, operation.clock(), token)))
+        _entries.set(_Entry(self, operation, operation.clock(), token, _entries.get()))
 
     def __exit__(
         self,
@@ -203,7 +204,8 @@ class Timed:
         entry = self._pop_entry()
         if entry is None:
             return
-        _reset_operation(entry.token)
+        if entry.token is not None:
+            _reset_operation(entry.token)
         entry.operation.record(entry.start, OK if exc_type is None else ERROR)
 
     async def __aenter__(self) -> None:
@@ -218,19 +220,37 @@ class Timed:
         self.__exit__(exc_type, exc, tb)
 
     def _pop_entry(self) -> _Entry | None:
-        """Remove this object's innermost open entry (normally the last one)."""
-        entries = _entries.get()
-        for index in range(len(entries) - 1, -1, -1):
-            if entries[index].owner is self:
-                _entries.set(entries[:index] + entries[index + 1 :])
-                return entries[index]
-        return None  # exited in another context than it was entered: nothing to measure
+        """Remove this object's innermost open entry (normally the innermost of all).
+
+        The entry comes back with the ``current_operation`` token to reset, or with ``None``
+        when blocks inside it are still open: the operation running is then unchanged.
+        """
+        entry = _entries.get()
+        if entry is not None and entry.owner is self:
+            _entries.set(entry.outer)
+            return entry
+        # Blocks closed out of order (e.g. across generators): unlink ours, keep the others.
+        inner: list[_Entry] = []
+        while entry is not None and entry.owner is not self:
+            inner.append(entry)
+            entry = entry.outer
+        if entry is None:
+            return None  # entered in another context: nothing to measure here
+        outer = entry.outer
+        # The block just inside ours takes our token: closing it restores what ran before ours.
+        token = entry.token
+        for kept in reversed(inner):
+            outer = kept._replace(outer=outer, token=token)
+            token = kept.token
+        _entries.set(outer)
+        return entry._replace(token=None)
 
 
 def _reset_operation(token: Token[str | None]) -> None:
-    # A token from another context (entered there, exited here): leave that context alone.
-    with contextlib.suppress(ValueError):
+    try:
         _operation.reset(token)
+    except ValueError:
+        return  # a token from another context (entered there, exited here): leave it alone
 
 
 def _wrap_sync(func: F, operation: _Operation) -> F:
