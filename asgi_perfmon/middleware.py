@@ -19,6 +19,7 @@ from asgi_perfmon._routes import RouteResolver, route_path
 from asgi_perfmon._types import ASGIApp, Message, Receive, Scope, Send
 from asgi_perfmon._version import __version__
 from asgi_perfmon.context import RequestContext, _current
+from asgi_perfmon.loop_monitor import LoopMonitor
 from asgi_perfmon.metrics import (
     DEFAULT_BUCKETS,
     HttpMetrics,
@@ -88,6 +89,7 @@ class PerfMonMiddleware:
         request_id_header: str = "X-Request-ID",
         max_label_values: int | None = None,
         exemplars: bool = True,
+        loop_monitor: LoopMonitor | bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.app = app
@@ -105,6 +107,7 @@ class PerfMonMiddleware:
             version=__version__,
         )
         self._failures = FailureLog()
+        self._loop_monitor = _loop_monitor(loop_monitor, registry, namespace)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -112,6 +115,8 @@ class PerfMonMiddleware:
             await self._serve_http(scope, receive, send)
         elif kind == "websocket":
             await self._serve_websocket(scope, receive, send)
+        elif kind == "lifespan" and self._loop_monitor is not None:
+            await self._serve_lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
@@ -281,9 +286,52 @@ class PerfMonMiddleware:
             series.duration.observe(max(self._clock() - start, 0.0))
             series.active.dec()
 
+    async def _serve_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the event-loop monitor from start-up to shutdown; messages pass unchanged."""
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._start_loop_monitor()
+            elif message["type"] == "lifespan.shutdown":
+                self._stop_loop_monitor()
+            return message
+
+        try:
+            await self.app(scope, receive_wrapper, send)
+        finally:
+            self._stop_loop_monitor()
+
+    def _start_loop_monitor(self) -> None:
+        try:
+            if self._loop_monitor is not None:
+                self._loop_monitor.start()
+        except Exception as error:
+            self._log_failure("loop_monitor", error)
+
+    def _stop_loop_monitor(self) -> None:
+        try:
+            if self._loop_monitor is not None:
+                self._loop_monitor.stop()
+        except Exception as error:
+            self._log_failure("loop_monitor", error)
+
     def _log_failure(self, where: str, error: Exception) -> None:
         """Log a failure of the instrumentation once per place and type; the app goes on."""
         self._failures.record(where, error)
+
+
+def _loop_monitor(
+    option: object, registry: CollectorRegistry | None, namespace: str | None
+) -> LoopMonitor | None:
+    if isinstance(option, LoopMonitor):
+        return option
+    if option is True:
+        return LoopMonitor(registry=registry, namespace=namespace)
+    if option is False:
+        return None
+    msg = f"loop_monitor must be True, False or a LoopMonitor, got {option!r}."
+    raise ValueError(msg)
 
 
 def _routes_of(scope: Scope, inner_app: Any) -> Sequence[Any] | None:

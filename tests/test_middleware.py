@@ -774,3 +774,35 @@ async def test_a_raising_log_sink_does_not_break_the_request(registry: Collector
     assert 2.0 == value(
         registry, "http_server_slow_requests_total", http_request_method="GET", http_route="/s"
     )
+
+
+async def test_loop_monitor_runs_from_startup_to_shutdown(registry: CollectorRegistry) -> None:
+    """The event-loop monitor starts with lifespan start-up and stops at shutdown."""
+    from asgi_perfmon.loop_monitor import LoopMonitor
+
+    monitor = LoopMonitor(registry=registry)
+    running: list[bool] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await receive()
+        running.append(monitor.running)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        running.append(monitor.running)
+        await send({"type": "lifespan.shutdown.complete"})
+
+    middleware = PerfMonMiddleware(app, registry=registry, loop_monitor=monitor)
+    await drive(
+        middleware,
+        {"type": "lifespan"},
+        [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}],
+    )
+
+    assert [True, False] == running
+    assert not monitor.running
+
+
+def test_loop_monitor_option_is_validated(registry: CollectorRegistry) -> None:
+    """Anything but True, False or a LoopMonitor is refused."""
+    with pytest.raises(ValueError, match="loop_monitor must be True, False or a LoopMonitor"):
+        PerfMonMiddleware(echo_request_id_app(), registry=registry, loop_monitor="yes")  # type: ignore[arg-type]
