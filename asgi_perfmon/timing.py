@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Histogram
 
 from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, BoundedLabels, overflow_counter
+from asgi_perfmon._logging import FailureLog
 from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
 from asgi_perfmon.context import _current, _operation
 from asgi_perfmon.metrics import DEFAULT_BUCKETS, validate_buckets
@@ -28,7 +28,7 @@ OK = "ok"
 ERROR = "error"
 
 logger = structlog.get_logger("asgi_perfmon")
-_stdlib_logger = logging.getLogger("asgi_perfmon")
+_failures = FailureLog()
 
 
 class _Family(NamedTuple):
@@ -75,7 +75,7 @@ class _Operation:
     instrumentation is logged once and otherwise ignored.
     """
 
-    __slots__ = ("_error", "_failed", "_ok", "clock", "name", "slow_threshold")
+    __slots__ = ("_error", "_ok", "clock", "name", "slow_threshold")
 
     def __init__(
         self,
@@ -90,7 +90,6 @@ class _Operation:
         # Both series exist from the start, so an error rate can be computed before any error.
         self._ok = family.children.labels(name, OK)
         self._error = family.children.labels(name, ERROR)
-        self._failed = False
 
     def record(self, start: float, outcome: str) -> None:
         """Observe the time since ``start`` and add it to the request's breakdown."""
@@ -108,14 +107,8 @@ class _Operation:
                     threshold_s=self.slow_threshold,
                     outcome=outcome,
                 )
-        except Exception:
-            self._report_failure()
-
-    def _report_failure(self) -> None:
-        # Through stdlib logging: structlog itself may be what failed.
-        if not self._failed:
-            self._failed = True
-            _stdlib_logger.exception("timed(%r) could not record a measurement", self.name)
+        except Exception as error:
+            _failures.record("timed", error)
 
 
 class _Entry(NamedTuple):
