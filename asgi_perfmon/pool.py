@@ -30,6 +30,7 @@ count it). Queries in a custom ``reset`` hook are counted like any other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import threading
@@ -139,7 +140,8 @@ class _FailureLog:
         if key in self._seen:
             return
         self._seen.add(key)
-        logger.error(event, pool_name=pool_name, error_type=type(error).__name__, exc_info=error)
+        with contextlib.suppress(Exception):  # a broken log sink must not break the app either
+            logger.error(event, pool_name=pool_name, error_type=key[2], exc_info=error)
 
 
 class _LabelValues:
