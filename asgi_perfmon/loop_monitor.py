@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import sys
 import threading
@@ -117,6 +118,9 @@ class LoopMonitor:
         self._handle: asyncio.TimerHandle | None = None
         self._handle_loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0
+        # The probe runs in an empty context, not in the one start() was called from (a
+        # lifespan or a request): its logs must not carry that context's request_id.
+        self._context = contextvars.Context()
         self._watchdog: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._failures = FailureLog()
@@ -210,7 +214,7 @@ class LoopMonitor:
             return
         self._generation += 1
         self._armed = _Armed(self._generation, now + self._interval)
-        self._handle = loop.call_later(self._interval, self._tick, loop)
+        self._handle = loop.call_later(self._interval, self._tick, loop, context=self._context)
         self._handle_loop = loop
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_perfmon.loop_monitor import LoopMonitor
+from tests._uvicorn import start_uvicorn
 
 THRESHOLD = 0.1
 INTERVAL = 0.1
@@ -44,7 +50,9 @@ class FakeLoop:
         self.soon: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self.closed = False
 
-    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> FakeHandle:
+    def call_later(
+        self, delay: float, callback: Callable[..., None], *args: Any, context: Any = None
+    ) -> FakeHandle:
         assert delay == INTERVAL
         handle = FakeHandle(callback, args)
         self.timers.append(handle)
@@ -430,3 +438,78 @@ def test_restart_on_a_new_loop(registry: CollectorRegistry) -> None:
     assert first is not None
     assert first >= 1
     assert (samples(registry)[0] or 0) > first
+
+
+# -- under a real uvicorn ----------------------------------------------------------------------
+
+BLOCKING_APP = Path(__file__).parent / "apps" / "blocking_app.py"
+
+
+def _source_line(path: Path, text: str) -> int:
+    (number,) = [n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line]
+    return number
+
+
+def _json_lines(log: str) -> list[dict[str, Any]]:
+    records = []
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _lag_over(text: str, bound: str) -> float:
+    """Lag observations above the bucket bound ``bound``, from a /metrics page."""
+    values = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return (
+        values[("asyncio_event_loop_lag_seconds_count", None)]
+        - values[("asyncio_event_loop_lag_seconds_bucket", bound)]
+    )
+
+
+def _run_blocking_app(mode: str, loop: str) -> tuple[list[dict[str, Any]], str]:
+    """Serve one request to the blocking app; its JSON log records and its last /metrics."""
+    env = {"BLOCKING_APP_MODE": mode}
+    with start_uvicorn("tests.apps.blocking_app:app", env=env, args=["--loop", loop]) as server:
+        response = httpx.get(f"{server.url}/work", headers={"x-request-id": "req-42"}, timeout=10)
+        assert response.text == "done"
+        metrics_text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return _json_lines(server.log()), metrics_text
+
+
+@pytest.mark.uvicorn
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_uvicorn_blocking_endpoint_is_named(loop: str) -> None:
+    """``time.sleep`` in an ``async def`` endpoint: logged with its file, line and function."""
+    records, metrics_text = _run_blocking_app("block", loop)
+
+    line = _source_line(BLOCKING_APP, "time.sleep(0.3)  # noqa")
+    blocked = [r for r in records if r["event"] == "event_loop_blocked"]
+    assert len(blocked) == 1, blocked
+    innermost = blocked[0]["stack"].splitlines()[-1]
+    assert innermost.startswith(f"{BLOCKING_APP}:{line} in work: time.sleep(0.3)")
+    assert blocked[0]["blocked_s"] >= THRESHOLD
+    (resumed,) = [r for r in records if r["event"] == "event_loop_resumed"]
+    assert 0.2 <= resumed["blocked_s"] <= 0.6
+    assert "request_id" not in resumed  # the probe does not run in the request's context
+    assert _lag_over(metrics_text, "0.1") >= 1
+    assert "asyncio_event_loop_blocked_total 1.0" in metrics_text
+    access = [r for r in records if r.get("logger") == "uvicorn.access"]
+    assert [r["request_id"] for r in access if "/work" in r["event"]] == ["req-42"]
+
+
+@pytest.mark.uvicorn
+def test_uvicorn_same_app_without_the_blocking_call_logs_nothing() -> None:
+    """Awaiting instead of blocking: no stall logged, no lag over the threshold."""
+    records, metrics_text = _run_blocking_app("await", "asyncio")
+
+    assert [r for r in records if r["event"].startswith("event_loop_")] == []
+    assert _lag_over(metrics_text, "0.1") == 0
+    assert "asyncio_event_loop_blocked_total 0.0" in metrics_text
+    assert any(r.get("logger") == "uvicorn.error" for r in records)  # uvicorn's logs are JSON
