@@ -27,6 +27,7 @@ ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 _FIRST_KEYS = ("event", "level", "timestamp", "logger")
 _HANDLER_MARK = "_asgi_perfmon_handler"
+_LEFTOVER_KEYS = ("color_message", "message", "asctime")
 
 
 def configure_logging(
@@ -58,7 +59,7 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_color_message],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), _drop_leftovers],
         processors=_render_processors(as_json, stream),
     )
     _install_root_handler(formatter, stream, numeric_level)
@@ -142,9 +143,11 @@ def _level_number(level: str | int) -> int:
     return number
 
 
-def _drop_color_message(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """uvicorn passes an ANSI-coloured copy of its message in ``extra``; keep the plain one."""
-    event_dict.pop("color_message", None)
+def _drop_leftovers(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Drop record attributes that only repeat ``event``: uvicorn's ANSI-coloured copy of its
+    message (``color_message``), and what another handler's formatter already added."""
+    for key in _LEFTOVER_KEYS:
+        event_dict.pop(key, None)
     return event_dict
 
 

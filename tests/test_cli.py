@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from asgi_perfmon.cli import main
+from asgi_perfmon.context import current_request
+from asgi_perfmon.logconfig import configure_logging
+from asgi_perfmon.middleware import PerfMonMiddleware
+from asgi_perfmon.timing import timed
 
 
 def slow_line(
@@ -370,3 +384,91 @@ def test_console_script_runs(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["slow_requests"] == 1
+
+
+# -- on logs written by the middleware itself --------------------------------------------------
+
+
+@pytest.fixture
+def json_log_file(tmp_path: Path) -> Iterator[Path]:
+    """``configure_logging(json=True)`` into a file; logging put back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    path = tmp_path / "app.log"
+    with path.open("w") as stream:
+        configure_logging(json=True, stream=stream)
+        # The library's module-level loggers must not stay bound to this test's pipeline.
+        structlog.configure(cache_logger_on_first_use=False)
+        yield path
+    structlog.reset_defaults()
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_summary_of_logs_written_by_the_middleware(
+    json_log_file: Path,
+    tmp_path: Path,
+    registry: CollectorRegistry,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The middleware's own ``slow_request`` lines, plain and gzip, with a malformed line."""
+    clock = FakeClock()
+    load_user = timed("load_user", registry=registry, clock=clock)
+
+    async def user(request: Request) -> Response:
+        for _ in range(2):
+            async with load_user:
+                clock.now += 0.4 + int(request.path_params["user_id"]) / 100
+        context = current_request()
+        assert context is not None
+        for _ in range(3):
+            context.add_query("SELECT * FROM orders WHERE user_id = $1", 0.01)
+        return PlainTextResponse("user")
+
+    async def fast(request: Request) -> Response:
+        clock.now += 0.01
+        return PlainTextResponse("fast")
+
+    app = PerfMonMiddleware(
+        Starlette(routes=[Route("/users/{user_id}", user), Route("/fast", fast)]),
+        registry=registry,
+        slow_request_threshold=1.0,
+        loop_monitor=False,
+        clock=clock,
+    )
+
+    async def serve() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for user_id in (10, 20, 30, 1):  # 2 x load_user: 1.0, 1.2, 1.4 and 0.82 s
+                assert (await client.get(f"/users/{user_id}")).status_code == 200
+            assert (await client.get("/fast")).status_code == 200
+
+    asyncio.run(serve())
+
+    with json_log_file.open("a") as log:
+        log.write("{not json\n")
+    packed = tmp_path / "app.log.1.gz"
+    packed.write_bytes(gzip.compress(json_log_file.read_bytes()))
+
+    result = run_json(["slowlog", str(json_log_file), str(packed)], capsys)
+
+    assert result["skipped"]["not_json"] == 2
+    (users,) = result["routes"]
+    assert (users["method"], users["route"], users["count"]) == ("GET", "/users/{user_id}", 6)
+    assert (users["p50_s"], users["max_s"]) == (pytest.approx(1.2), pytest.approx(1.4))
+    (operation,) = users["operations"]
+    assert (operation["name"], operation["count"]) == ("load_user", 12)
+    assert operation["total_s"] == pytest.approx(2 * (1.0 + 1.2 + 1.4))
+    assert users["repeated_statements"] == [
+        {"statement": "SELECT * FROM orders WHERE user_id = $1", "requests": 6, "max_count": 3}
+    ]
+    assert (users["db_queries"], users["db_total_s"]) == (18, pytest.approx(0.18))

@@ -112,6 +112,22 @@ def test_uvicorn_loggers_are_routed_through_the_pipeline() -> None:
     assert all(logging.getLogger(name).handlers == [] for name in ROUTED_LOGGERS)
 
 
+def test_attributes_set_by_other_formatters_are_not_repeated() -> None:
+    """When another handler formatted the record first, its ``message`` is not copied in."""
+    formatted_first = logging.StreamHandler(io.StringIO())
+    formatted_first.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logging.getLogger().addHandler(formatted_first)
+    out = io.StringIO()
+    configure_logging(json=True, stream=out)
+    logging.getLogger().handlers.sort(key=lambda h: h is not formatted_first)
+
+    logging.getLogger("httpx").info("HTTP Request: %s", "GET /")
+
+    (line,) = lines(out)
+    assert line["event"] == "HTTP Request: GET /"
+    assert {"message", "asctime"}.isdisjoint(line)
+
+
 def test_level_filters_both_structlog_and_stdlib() -> None:
     """Records under the level are dropped on both paths."""
     out = io.StringIO()
