@@ -51,7 +51,7 @@ def _runner(loop_name: str) -> Callable[[Coroutine[Any, Any, tuple[float, float]
     if loop_name == "uvloop":
         import uvloop
 
-        return uvloop.run  # type: ignore[no-any-return]
+        return uvloop.run
     return asyncio.run
 
 
