@@ -171,11 +171,11 @@ class Timed:
             raise TypeError(msg)
         if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
             msg = (
-                f"timed() cannot decorate the generator function {func.__qualname__}: calling "
+                f"timed() cannot decorate the generator function {_describe(func)}: calling "
                 "it only creates the generator. Use `with timed(...)` inside its body instead."
             )
             raise TypeError(msg)
-        operation = self._operation or self._bind(func.__qualname__)
+        operation = self._operation or self._bind(_default_name(func))
         if inspect.iscoroutinefunction(func):
             return _wrap_async(func, operation)
         return _wrap_sync(func, operation)
@@ -237,6 +237,18 @@ class Timed:
             token = kept.token
         _entries.set(outer)
         return entry._replace(token=None)
+
+
+def _default_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__qualname__", None)
+    if not isinstance(name, str) or not name:
+        msg = f"timed() cannot name {func!r} after a function; pass a name: timed('name')."
+        raise TypeError(msg)
+    return name
+
+
+def _describe(func: Callable[..., Any]) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))
 
 
 def _reset_operation(token: Token[str | None]) -> None:

@@ -528,6 +528,15 @@ class TestRobustness:
         with pytest.raises(TypeError, match="not callable"):
             timed("x", registry=registry)(42)  # type: ignore[type-var]
 
+    def test_callables_without_a_name_need_one(self, registry: CollectorRegistry) -> None:
+        """A partial or a callable object has no qualified name to default to."""
+
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        with pytest.raises(TypeError, match=r"pass a name: timed\('name'\)"):
+            timed(registry=registry)(functools.partial(add, 1))
+
     def test_partial_of_a_coroutine_function(self, registry: CollectorRegistry) -> None:
         """A ``functools.partial`` of an ``async def`` is wrapped as async."""
 
