@@ -264,9 +264,9 @@ def format_routes(routes: Iterable[RouteStats]) -> list[str]:
 
 def format_pool(pool: PoolStats) -> str:
     """One line per connection pool."""
-    peak = "" if pool.peak_used is None else f", peak {_count(pool.peak_used)} during the run"
+    peak = "" if pool.peak_used is None else f"peak {_count(pool.peak_used)} in use, "
     return (
-        f"  db pool {pool.name!r}: {_count(pool.used)} in use / {_count(pool.max)} max now{peak}; "
+        f"  db pool {pool.name!r}: max {_count(pool.max)}, {peak}{_count(pool.used)} in use now; "
         f"{_count(pool.acquires)} acquires, wait p95 {_ms(pool.wait_p95_s)} ms"
     )
 

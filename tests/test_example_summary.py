@@ -168,7 +168,7 @@ def test_format_summary_names_every_part() -> None:
 
     assert "135 requests in 10.0 s = 13.5 req/s (110 2xx, 25 4xx)" in text
     assert "GET /users/{user_id}" in text
-    assert "db pool 'main': 7 in use / 10 max now, peak 10 during the run" in text
+    assert "db pool 'main': max 10, peak 10 in use, 7 in use now; 100 acquires" in text
     assert "cache 'users': hit ratio 75.0% (75 hits, 25 misses)" in text
     assert "slow requests (>= threshold): 2" in text
     assert "event loop blocked: 3 times" in text
