@@ -8,8 +8,9 @@ def test_all_lists_exactly_the_public_names() -> None:
     public = sorted(
         name
         for name, value in vars(asgi_perfmon).items()
-        if (not name.startswith("_")
-        and getattr(value, "__module__", "").startswith("asgi_perfmon"))
+        if (
+            not name.startswith("_") and getattr(value, "__module__", "").startswith("asgi_perfmon")
+        )
         or name == "__version__"
     )
     expected = sorted(public)
