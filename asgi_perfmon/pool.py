@@ -8,12 +8,14 @@ How it is wired:
   timeouts. ``execute``, ``executemany``, ``fetch``, ``fetchrow``, ``fetchval``, ``fetchmany``
   and the ``copy_*`` shortcuts go through that same ``acquire()``; every other attribute is
   the pool's own.
-* Query timing uses asyncpg's public query logger (``Connection.add_query_logger``). The facade
-  adds its logger to each connection it hands out; asyncpg keeps loggers in a set and keeps
-  them across release, so adding it again on every acquire is a cheap no-op (about 2 µs) and
-  works on a pool created before ``instrument_pool`` was called. asyncpg calls the logger with
+* The shortcuts time each call themselves. A connection the application holds gets asyncpg's
+  public query logger (``Connection.add_query_logger``) from ``acquire()`` until it is
+  released through the facade, which removes it before the pool runs its reset query; so a
+  pool created before ``instrument_pool`` works too. asyncpg calls the logger with
   ``call_soon`` in the querying task's context, so the per-request breakdown and
-  :func:`db_operation` names are seen there. The pool's reset query is not counted.
+  :func:`db_operation` names are seen there. The logger is kept off the shortcuts because it
+  costs more than timing them directly, and because asyncpg drops it with a lost
+  connection before the failing query resumes.
 * Pool sizes are read at scrape time by one collector per registry (several pools by name).
   In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) scrape-time collectors only see the
   scraping process, so each pool is sampled instead: a task writes ``livesum`` gauges every
@@ -21,10 +23,11 @@ How it is wired:
 
 What is not seen: explicit prepared statements (``con.prepare(...)``), cursors, and the
 ``copy_*`` methods of a connection (the pool's ``copy_*`` shortcuts are timed as ``COPY``);
-queries on connections that were never acquired through the facade; queries in the pool's
-``init`` hook; a query that fails because its connection was lost, when it ran on a connection
-the application holds (asyncpg drops the loggers with the connection; the facade's shortcuts
-count it). Queries in a custom ``reset`` hook are counted like any other.
+queries on connections acquired from the pool itself rather than the facade; queries in the
+pool's ``init`` and ``setup`` hooks; on a connection the application holds, a query that fails
+because the connection was lost (asyncpg drops the logger with the connection; the shortcuts
+do count it). A connection released through the pool itself instead of the facade keeps the
+logger, and later shortcut queries on it would be counted twice.
 """
 
 from __future__ import annotations
@@ -405,11 +408,22 @@ class _QueryRecorder:
 
     def __call__(self, record: Any) -> None:
         """Called by asyncpg (via ``call_soon``) with a ``LoggedQuery`` after each query."""
+        # The reset query only gets here if a connection was released around the facade.
+        if record.query not in self.reset_queries:
+            self.record_safely(record.query, record.elapsed, record.exception)
+
+    def record_safely(
+        self,
+        statement: str,
+        seconds: float,
+        error: BaseException | None,
+        default_operation: str | None = None,
+    ) -> None:
+        """:meth:`record`, logging (once) instead of raising if the instrumentation fails."""
         try:
-            if record.query not in self.reset_queries:
-                self.record(record.query, record.elapsed, record.exception)
-        except Exception as error:
-            self._log_failure("query_logger_failed", self._pool_name, error)
+            self.record(statement, seconds, error, default_operation=default_operation)
+        except Exception as failure:
+            self._log_failure("query_recording_failed", self._pool_name, failure)
 
     def record(
         self,
@@ -494,14 +508,19 @@ class InstrumentedPool:
         return getattr(self._pool, attribute)
 
     def acquire(self, *, timeout: float | None = None) -> _AcquireContext:
-        """Acquire a connection like ``Pool.acquire``, measuring the wait."""
+        """Acquire a connection like ``Pool.acquire``, measuring the wait.
+
+        Its queries are timed by asyncpg's query logger until it is released through this
+        facade (``release()`` or the end of ``async with``).
+        """
         return _AcquireContext(self, timeout)
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
         """Release a connection back to the pool, like ``Pool.release``."""
+        self._unwatch(connection)
         await self._pool.release(connection, timeout=timeout)
 
-    async def _acquire(self, timeout: float | None) -> Any:
+    async def _acquire(self, timeout: float | None, *, watch: bool = True) -> Any:
         start = perf_counter()
         self._pending.inc()
         try:
@@ -515,7 +534,10 @@ class InstrumentedPool:
         finally:
             self._pending.dec()
             self._observe_wait(perf_counter() - start)
-        self._watch(connection)
+        if watch:
+            self._watch(connection)
+        if self._metrics.multiprocess and self._sampler is None:
+            self.start_sampling()
         return connection
 
     def _observe_wait(self, seconds: float) -> None:
@@ -525,80 +547,84 @@ class InstrumentedPool:
             request.add_acquire_wait(seconds)
 
     def _watch(self, connection: Any) -> None:
-        """Add the query logger to ``connection`` (a no-op if it is there already)."""
+        """Time the queries of a connection the application holds, with asyncpg's logger."""
         try:
             self._recorder.reset_queries.add(connection.get_reset_query())
             connection.add_query_logger(self._recorder)
-            if self._metrics.multiprocess and self._sampler is None:
-                self.start_sampling()
         except Exception as error:
             self._log_failure("query_logger_failed", self._name, error)
 
+    def _unwatch(self, connection: Any) -> None:
+        """Remove the logger before release, so the pool's reset query is not logged."""
+        # A lost connection's proxy is detached and raises; asyncpg has dropped its loggers.
+        with contextlib.suppress(Exception):
+            connection.remove_query_logger(self._recorder)
+
     async def execute(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.execute``, acquiring through this facade."""
-        return await self._query("execute", query, *args, **kwargs)
+        return await self._run("execute", query, args, kwargs)
 
     async def executemany(self, command: str, args: Any, **kwargs: Any) -> Any:
         """``Pool.executemany``, acquiring through this facade."""
-        return await self._query("executemany", command, args, **kwargs)
+        return await self._run("executemany", command, (args,), kwargs)
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.fetch``, acquiring through this facade."""
-        return await self._query("fetch", query, *args, **kwargs)
+        return await self._run("fetch", query, args, kwargs)
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.fetchrow``, acquiring through this facade."""
-        return await self._query("fetchrow", query, *args, **kwargs)
+        return await self._run("fetchrow", query, args, kwargs)
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.fetchval``, acquiring through this facade."""
-        return await self._query("fetchval", query, *args, **kwargs)
+        return await self._run("fetchval", query, args, kwargs)
 
     async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> Any:
         """``Pool.fetchmany``, acquiring through this facade."""
-        return await self._query("fetchmany", query, args, **kwargs)
-
-    async def _query(self, method: str, query: str, *args: Any, **kwargs: Any) -> Any:
-        async with self.acquire() as connection:
-            start = perf_counter()
-            try:
-                return await getattr(connection, method)(query, *args, **kwargs)
-            except BaseException as error:
-                # asyncpg drops its query loggers when a connection is lost, before the
-                # failing query resumes: that failure is only seen here.
-                if _is_closed(connection):
-                    self._recorder.record(query, perf_counter() - start, error)
-                raise
+        return await self._run("fetchmany", query, (args,), kwargs)
 
     async def copy_from_table(self, table_name: str, **kwargs: Any) -> Any:
         """``Pool.copy_from_table``, acquiring through this facade, timed as ``COPY``."""
-        return await self._copy("copy_from_table", table_name, **kwargs)
+        return await self._run("copy_from_table", table_name, (), kwargs, "COPY")
 
     async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> Any:
         """``Pool.copy_from_query``, acquiring through this facade, timed as ``COPY``."""
-        return await self._copy("copy_from_query", query, *args, **kwargs)
+        return await self._run("copy_from_query", query, args, kwargs, "COPY")
 
     async def copy_to_table(self, table_name: str, **kwargs: Any) -> Any:
         """``Pool.copy_to_table``, acquiring through this facade, timed as ``COPY``."""
-        return await self._copy("copy_to_table", table_name, **kwargs)
+        return await self._run("copy_to_table", table_name, (), kwargs, "COPY")
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> Any:
         """``Pool.copy_records_to_table``, acquiring through this facade, timed as ``COPY``."""
-        return await self._copy("copy_records_to_table", table_name, **kwargs)
+        return await self._run("copy_records_to_table", table_name, (), kwargs, "COPY")
 
-    async def _copy(self, method: str, target: str, *args: Any, **kwargs: Any) -> Any:
-        """Run a connection ``copy_*`` method; asyncpg's query logger does not see COPY."""
-        async with self.acquire() as connection:
-            start, error = perf_counter(), None
-            try:
-                return await getattr(connection, method)(target, *args, **kwargs)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._recorder.record(
-                    f"{method} {target}", perf_counter() - start, error, default_operation="COPY"
-                )
+    async def _run(
+        self,
+        method: str,
+        statement: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        operation: str | None = None,
+    ) -> Any:
+        """Run one connection method and time it here, without asyncpg's query logger.
+
+        The logger costs more than this (it schedules a callback per query, and per reset
+        query on release), does not see COPY, and is dropped with a lost connection before
+        the failing query resumes; timing here sees every outcome.
+        """
+        connection = await self._acquire(None, watch=False)
+        start, error = perf_counter(), None
+        try:
+            return await getattr(connection, method)(statement, *args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            label = statement if operation is None else f"{method} {statement}"
+            self._recorder.record_safely(label, perf_counter() - start, error, operation)
+            await self._pool.release(connection)
 
     async def close(self) -> None:
         """Close the pool (``Pool.close``) and stop sampling its sizes."""
@@ -753,14 +779,6 @@ def _require_pool(pool: Any) -> None:
             f"without {', '.join(missing)}."
         )
         raise TypeError(msg)
-
-
-def _is_closed(connection: Any) -> bool:
-    """Whether ``connection`` is closed; a lost connection's proxy is detached and raises."""
-    try:
-        return bool(connection.is_closed())
-    except Exception:
-        return True
 
 
 def _loop_is_running() -> bool:

@@ -415,6 +415,24 @@ async def test_the_request_gets_query_totals_and_repeated_statements(
     ]
 
 
+@pytest.mark.postgres
+async def test_a_held_connection_is_timed_only_while_it_is_held(
+    make_pool: MakePool, registry: CollectorRegistry
+) -> None:
+    pool = await make_pool(min_size=1, max_size=1)  # one connection, reused throughout
+
+    async with pool.acquire() as connection:
+        await connection.fetchval("SELECT 1")
+    await pool.pool.fetchval("SELECT 2")  # the raw pool, after the facade released it
+    connection = await pool.acquire()
+    await connection.fetchval("SELECT 3")
+    await pool.pool.release(connection)  # released around the facade: the reset query
+    await logged()  # reaches the logger and must be skipped
+
+    assert queries(registry, "SELECT") == 2
+    assert sum(queries(registry, name) for name in ("SELECT", "OTHER")) == 2
+
+
 # --- the server goes away -----------------------------------------------------------------
 
 
