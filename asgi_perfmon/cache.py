@@ -399,18 +399,17 @@ def _tell_request(*, hit: bool) -> None:
         request.add_cache_result(hit=hit)
 
 
-def _make_key(cache_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-    key = (*args, _KEYWORDS, *kwargs.items()) if kwargs else args
-    try:
-        hash(key)
-    except TypeError as error:
-        msg = (
-            f"cached({cache_name!r}) builds its key from the arguments, so they must be "
-            f"hashable ({error}); pass e.g. a tuple instead of a list, or a frozenset "
-            "instead of a set."
-        )
-        raise TypeError(msg) from None
-    return key
+def _make_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    return (*args, _KEYWORDS, *kwargs.items()) if kwargs else args
+
+
+def _unhashable(cache_name: str, error: TypeError) -> TypeError:
+    msg = (
+        f"cached({cache_name!r}) builds its key from the arguments, so they must be "
+        f"hashable ({error}); pass e.g. a tuple instead of a list, or a frozenset "
+        "instead of a set."
+    )
+    return TypeError(msg)
 
 
 class _Store:
@@ -438,14 +437,15 @@ class _Store:
         """Incremented by every invalidation, so a sync call that began before it
         does not store a stale value."""
 
-    def key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-        return _make_key(self.name, args, kwargs)
-
     def get(self, key: Hashable) -> Any:
         """The value for ``key`` (counted as a hit), or ``_MISSING`` (counted as a miss)."""
         with self._lock:
-            self._expire()
-            value = self._entries.get(key, _MISSING)
+            if self._deadlines:
+                self._expire()
+            try:
+                value = self._entries.get(key, _MISSING)
+            except TypeError as error:
+                raise _unhashable(self.name, error) from None
             if value is _MISSING:
                 self._misses += 1
             else:
@@ -460,7 +460,8 @@ class _Store:
                 self._put(key, value)
 
     def _put(self, key: Hashable, value: Any) -> None:
-        self._expire()
+        if self._deadlines:
+            self._expire()
         if self._entries.pop(key, _MISSING) is _MISSING:
             while len(self._entries) >= self._maxsize:
                 oldest, _ = self._entries.popitem(last=False)
@@ -472,8 +473,6 @@ class _Store:
             self._deadlines[key] = self._clock() + self._ttl
 
     def _expire(self) -> None:
-        if not self._deadlines:
-            return
         now = self._clock()
         while self._deadlines:
             key, deadline = next(iter(self._deadlines.items()))
@@ -508,6 +507,10 @@ class _Store:
                     del self._loading[key]
 
     def invalidate(self, key: Hashable) -> bool:
+        try:
+            hash(key)
+        except TypeError as error:
+            raise _unhashable(self.name, error) from None
         with self._lock:
             self.epoch += 1
             self._loading.pop(key, None)
@@ -549,7 +552,7 @@ def _retrieve_exception(task: asyncio.Task[Any]) -> None:
 def _async_cached(func: Callable[..., Any], store: _Store) -> Callable[..., Any]:
     @functools.wraps(func)
     async def cached_call(*args: Any, **kwargs: Any) -> Any:
-        key = store.key(args, kwargs)
+        key = (*args, _KEYWORDS, *kwargs.items()) if kwargs else args  # _make_key, inlined
         value = store.get(key)
         _tell_request(hit=value is not _MISSING)
         if value is not _MISSING:
@@ -563,7 +566,7 @@ def _async_cached(func: Callable[..., Any], store: _Store) -> Callable[..., Any]
 def _sync_cached(func: Callable[..., Any], store: _Store) -> Callable[..., Any]:
     @functools.wraps(func)
     def cached_call(*args: Any, **kwargs: Any) -> Any:
-        key = store.key(args, kwargs)
+        key = (*args, _KEYWORDS, *kwargs.items()) if kwargs else args  # _make_key, inlined
         value = store.get(key)
         _tell_request(hit=value is not _MISSING)
         if value is not _MISSING:
@@ -612,7 +615,7 @@ def cached(
 def _with_controls(wrapper: Callable[..., Any], store: _Store) -> Any:
     def invalidate(*args: Any, **kwargs: Any) -> bool:
         """Drop the entry for these arguments; ``True`` if there was one."""
-        return store.invalidate(store.key(args, kwargs))
+        return store.invalidate(_make_key(args, kwargs))
 
     vars(wrapper).update(
         invalidate=invalidate,
