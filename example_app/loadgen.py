@@ -215,10 +215,16 @@ class ProgressBar:
             bar = f"{elapsed:6.0f} s"
         return f"{bar}  {stats.requests:,} requests  {rate:,.0f} req/s  {classes}{failed}"
 
+    def _line_due(self) -> bool:
+        """Every 5 s, but not at the very end: the final line follows."""
+        now = time.monotonic()
+        ending = self._duration is not None and now - self._started > self._duration - 1
+        return now - self._last_line >= 5.0 and not ending
+
     def draw(self, stats: Stats, *, final: bool = False) -> None:
         if self._tty:
             self._stream.write(f"\r{self.line(stats)}\x1b[K" + ("\n" if final else ""))
-        elif final or time.monotonic() - self._last_line >= 5.0:
+        elif final or self._line_due():
             self._last_line = time.monotonic()
             self._stream.write(self.line(stats) + "\n")
         self._stream.flush()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
 import aiohttp
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from pydantic import Field
 
 from asgi_perfmon import PerfMonMiddleware, metrics_endpoint
@@ -37,7 +37,9 @@ from example_app.users import (
 )
 
 MAX_DELAY_S = 5.0
+MAX_ID = 2**63 - 1  # PostgreSQL bigint: larger ids are invalid input, not a database error
 Delay = Annotated[float, Field(ge=0, le=MAX_DELAY_S)]
+UserId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 @dataclass(frozen=True)
@@ -114,19 +116,19 @@ def _add_user_routes(app: FastAPI) -> None:
     async def list_users(
         shared: Shared,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     ) -> UserPage:
         return await shared.users.page(after, limit)
 
     @app.get("/users/{user_id}")
-    async def get_user(user_id: int, shared: Shared) -> User:
+    async def get_user(user_id: UserId, shared: Shared) -> User:
         try:
             return await shared.users.get(user_id)
         except UserNotFound:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such user") from None
 
     @app.put("/users/{user_id}")
-    async def update_user(user_id: int, change: UserUpdate, shared: Shared) -> User:
+    async def update_user(user_id: UserId, change: UserUpdate, shared: Shared) -> User:
         try:
             return await shared.users.update(user_id, change)
         except UserNotFound:
@@ -135,7 +137,7 @@ def _add_user_routes(app: FastAPI) -> None:
             raise HTTPException(status.HTTP_409_CONFLICT, "email already registered") from None
 
     @app.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-    async def delete_user(user_id: int, shared: Shared) -> Response:
+    async def delete_user(user_id: UserId, shared: Shared) -> Response:
         try:
             await shared.users.delete(user_id)
         except UserNotFound:

@@ -144,6 +144,7 @@ def test_configuration_is_served_from_lru_cache(app: RunningServer) -> None:
         ("GET", "/users?limit=0", None),
         ("GET", "/users?limit=101", None),
         ("GET", "/users/abc", None),
+        ("GET", "/users/99999999999999999999", None),
         ("PUT", "/users/1", {"name": "x" * 101, "email": "a@b.c"}),
         ("GET", "/report?delay=-1", None),
         ("GET", "/overview?delay=9", None),
