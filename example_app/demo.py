@@ -230,6 +230,8 @@ def start_services(services: Services, ports: Ports, with_prometheus: bool) -> S
     )
     app_env = {
         **env,
+        # Never a DATABASE_URL that happens to be set in the shell: the app writes a table.
+        "DATABASE_URL": os.environ.get("DEMO_DATABASE_URL", ""),
         "EXAMPLE_UPSTREAM_URL": f"http://127.0.0.1:{ports.upstream}",
         "EXAMPLE_LOG_FILE": str(WORK / "app.log"),
         "EXAMPLE_ENABLE_BLOCKING": "1",
@@ -272,8 +274,8 @@ def start_prometheus(services: Services, ports: Ports) -> Service:
 def banner(ports: Ports, prometheus: Service | None) -> str:
     app = f"http://127.0.0.1:{ports.app}"
     database = (
-        "DATABASE_URL (as set)"
-        if os.environ.get("DATABASE_URL")
+        "DEMO_DATABASE_URL (as set)"
+        if os.environ.get("DEMO_DATABASE_URL")
         else "a throwaway PostgreSQL started by the app, removed when it stops"
     )
     lines = [

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
 import aiohttp
+import asyncpg
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from pydantic import Field
 
@@ -168,7 +169,12 @@ def _add_service_routes(app: FastAPI) -> None:
     async def health(shared: Shared) -> dict[str, Any]:
         try:
             now = await database.ping(shared.pool)
-        except (OSError, asyncio.TimeoutError) as error:
+        except (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, type(error).__name__) from None
         return {"status": "ok", "database_time": now.isoformat()}
 
