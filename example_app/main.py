@@ -20,11 +20,9 @@ import asyncpg
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from pydantic import Field
 
-from asgi_perfmon import PerfMonMiddleware, metrics_endpoint
+from asgi_perfmon import PerfMonMiddleware, configure_logging, metrics_endpoint, timed
 from asgi_perfmon.cache import watch_cache
-from asgi_perfmon.logconfig import configure_logging
 from asgi_perfmon.pool import InstrumentedPool
-from asgi_perfmon.timing import timed
 from example_app import database, upstream_client
 from example_app.settings import Settings, get_settings
 from example_app.users import (

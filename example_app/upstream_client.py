@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from asgi_perfmon.timing import timed
+from asgi_perfmon import timed
 
 SOURCES = ("weather", "news", "quotes")
 

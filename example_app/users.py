@@ -10,9 +10,9 @@ from datetime import datetime
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
+from asgi_perfmon import timed
 from asgi_perfmon.cache import cached
 from asgi_perfmon.pool import InstrumentedPool
-from asgi_perfmon.timing import timed
 from example_app import database
 from example_app.settings import Settings
 
