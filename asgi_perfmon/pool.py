@@ -398,7 +398,7 @@ class PoolMetrics:
 
 
 class _QueryRecorder:
-    """The query logger added to every connection the facade hands out."""
+    """Records finished queries: asyncpg's logger on held connections, and the shortcuts."""
 
     def __init__(self, pool_name: str, metrics: PoolMetrics) -> None:
         self.reset_queries: set[str] = set()

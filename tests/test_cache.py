@@ -657,7 +657,8 @@ _WORKER = textwrap.dedent(
 
 
 def test_multiprocess_mode_adds_up_every_process(tmp_path: Path) -> None:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": python_path}
     for _ in range(2):
         subprocess.run([sys.executable, "-c", _WORKER], env=env, check=True, timeout=60)
 

@@ -547,7 +547,8 @@ def _shared_pool_sizes(directory: Path) -> dict[str, float | None]:
 def test_multiprocess_mode_samples_the_sizes_of_every_process(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": python_path}
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, postgres_dsn],
