@@ -1,8 +1,10 @@
 """Build ``grafana/dashboards/asgi-perfmon.json`` from the panel list below.
 
 Run ``python grafana/build_dashboard.py`` after editing this file to rewrite the JSON, or
-``python grafana/build_dashboard.py --check`` to fail when the committed JSON is stale. Only the
-standard library is used, so it runs anywhere.
+``python grafana/build_dashboard.py --check`` to fail when the committed JSON is stale. An app
+that sets asgi-perfmon's ``namespace`` gets its own copy with
+``python grafana/build_dashboard.py --namespace myapp --output myapp.json``. Only the standard
+library is used, so it runs anywhere.
 
 Every panel gets the same shape: the ``${datasource}`` data source, a unit, thresholds, a
 one-line description and a place on the 24-column grid. The expressions use the default metric
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -952,8 +955,62 @@ VARIABLES: tuple[Json, ...] = (
 )
 
 
-def build() -> Json:
-    """The dashboard, as the JSON object Grafana imports."""
+LIBRARY_METRICS = (
+    "http_server_request_duration_seconds",
+    "http_server_active_requests",
+    "http_server_time_to_first_byte_seconds",
+    "http_server_request_body_size_bytes",
+    "http_server_response_body_size_bytes",
+    "http_server_slow_requests_total",
+    "http_server_exceptions_total",
+    "http_server_aborted_requests_total",
+    "websocket_server_active_connections",
+    "websocket_server_connection_duration_seconds",
+    "websocket_server_messages_total",
+    "operation_duration_seconds",
+    "db_client_connection_count",
+    "db_client_connection_max",
+    "db_client_connection_min",
+    "db_client_connection_pending_requests",
+    "db_client_connection_wait_time_seconds",
+    "db_client_connection_timeouts_total",
+    "db_client_operation_duration_seconds",
+    "cache_requests_total",
+    "cache_evictions_total",
+    "cache_entries",
+    "cache_max_entries",
+    "asyncio_event_loop_lag_seconds",
+    "asyncio_event_loop_blocked_total",
+    "asgi_perfmon_label_overflow_total",
+    "asgi_perfmon_info",
+)
+"""The names asgi-perfmon's ``namespace`` option prefixes (the process and GC metrics of
+prometheus-client and Prometheus's ``up`` keep their names)."""
+
+_LIBRARY_METRIC = re.compile(
+    r"(?<![\w:])("
+    + "|".join(sorted(LIBRARY_METRICS, key=len, reverse=True))
+    + r")((?:_bucket|_sum|_count)?)(?![\w:])"
+)
+
+
+def namespaced(expr: str, namespace: str) -> str:
+    """``expr`` with every asgi-perfmon metric name prefixed by ``namespace`` and ``_``."""
+    if not namespace:
+        return expr
+    return _LIBRARY_METRIC.sub(lambda m: f"{namespace}_{m.group(1)}{m.group(2)}", expr)
+
+
+def build(namespace: str = "") -> Json:
+    """The dashboard, as the JSON object Grafana imports; ``namespace`` as given to asgi-perfmon."""
+    panels = layout(ROWS)
+    variables = [dict(variable) for variable in VARIABLES]
+    for panel in panels:
+        for target in panel.get("targets", []):
+            target["expr"] = namespaced(target["expr"], namespace)
+    for variable in variables:
+        if variable["type"] == "query":
+            variable["query"] = namespaced(variable["query"], namespace)
     return {
         "annotations": {
             "list": [
@@ -976,11 +1033,11 @@ def build() -> Json:
         "fiscalYearStartMonth": 0,
         "graphTooltip": 1,
         "links": [],
-        "panels": layout(ROWS),
+        "panels": panels,
         "refresh": "30s",
         "schemaVersion": SCHEMA_VERSION,
         "tags": ["asgi-perfmon", "asgi", "fastapi", "starlette", "python"],
-        "templating": {"list": list(VARIABLES)},
+        "templating": {"list": variables},
         "time": {"from": "now-1h", "to": "now"},
         "timepicker": {},
         "timezone": "browser",
@@ -1000,8 +1057,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the committed JSON differs; write nothing"
     )
+    parser.add_argument(
+        "--namespace",
+        default="",
+        help="the namespace your app gives asgi-perfmon (PERFMON_NAMESPACE); the dashboard "
+        "is written to standard output, or to --output",
+    )
+    parser.add_argument("--output", type=Path, help="where to write a --namespace dashboard")
     args = parser.parse_args(argv)
-    text = render(build())
+    text = render(build(args.namespace))
+    if args.namespace:
+        if args.output is None:
+            sys.stdout.write(text)
+        else:
+            args.output.write_text(text, encoding="utf-8")
+        return 0
     if args.check:
         current = DASHBOARD_PATH.read_text(encoding="utf-8") if DASHBOARD_PATH.exists() else ""
         if current != text:

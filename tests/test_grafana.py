@@ -270,6 +270,30 @@ def test_committed_dashboard_is_the_build_script_output() -> None:
     )
 
 
+def dashboard_metric_names(data: Mapping[str, Any]) -> set[str]:
+    names = {
+        name for p in panels_of(data) for t in p["targets"] for name in metric_names(t["expr"])
+    }
+    for variable in variables_of(data).values():
+        if variable["type"] == "query":
+            names |= metric_names(label_values_query(variable["query"])[0] or "")
+    return names
+
+
+def test_namespace_option_prefixes_exactly_the_library_metrics(dashboard: dict[str, Any]) -> None:
+    """``--namespace shop``: what an app with ``PerfMonMiddleware(namespace="shop")`` exports."""
+    build = load_build_script()
+    default = dashboard_metric_names(dashboard)
+    library = {name for name in default if build.namespaced(name, "x") != name}
+    others = default - library
+
+    shop = dashboard_metric_names(build.build(namespace="shop"))
+
+    assert {"up"} == {n for n in others if not n.startswith(("process_", "python_gc_"))}
+    assert len(library) >= 25
+    assert {f"shop_{name}" for name in library} | others == shop
+
+
 def _lost_keys(original: Any, round_tripped: Any, path: str = "$") -> list[str]:
     """Keys (and values) of ``original`` that the round trip dropped or changed."""
     if isinstance(original, dict):
@@ -378,6 +402,23 @@ def test_every_panel_has_a_unit_thresholds_a_description_and_the_datasource_vari
         if panel["type"] == "heatmap" and not panel["options"]["yAxis"].get("unit"):
             problems.append(f"{title}: heatmap y axis without a unit")
     assert [] == problems
+
+
+def test_readme_panel_table_lists_every_panel_under_its_row(dashboard: dict[str, Any]) -> None:
+    row = ""
+    panels = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+        else:
+            panels.append((row, panel["title"]))
+    readme = (GRAFANA / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Panels", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ")]
+    listed = [(r.strip(), p.strip()) for r, p in rows[2:]]  # after the header and the rule
+
+    assert panels == listed
+    assert f"{len(panels)} panels in {len(EXPECTED_ROWS)} rows" in readme
 
 
 def test_layout_fits_the_grid_without_overlaps(dashboard: dict[str, Any]) -> None:
