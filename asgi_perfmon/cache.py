@@ -59,7 +59,7 @@ logger = structlog.get_logger("asgi_perfmon")
 
 EVICTION_REASONS = ("size", "expired", "invalidated")
 SAMPLE_INTERVAL = 5.0
-"""Seconds between two samples of the caches in multiprocess mode."""
+"""Seconds between two samples of the caches in multiprocess mode (read at every sample)."""
 
 _MISSING: Any = object()
 _KEYWORDS = object()
@@ -321,20 +321,46 @@ class CacheSampler:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def start(self, interval: float = SAMPLE_INTERVAL) -> None:
-        """Sample every ``interval`` seconds in a daemon thread, and once more at exit."""
+    def start(self) -> None:
+        """Sample every ``SAMPLE_INTERVAL`` seconds in a daemon thread, and once more at exit.
+
+        A process forked afterwards (``gunicorn --preload``) gets a thread of its own and
+        reports only what its caches count after the fork.
+        """
         if self._thread is not None:
             return
+        self._start_thread()
+        atexit.register(self.sample)
+        os.register_at_fork(
+            before=self._before_fork,
+            after_in_parent=self._after_fork_in_parent,
+            after_in_child=self._restart_in_child,
+        )
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(
-            target=self._run, args=(interval,), name="asgi-perfmon-cache-sampler", daemon=True
+            target=self._run, name="asgi-perfmon-cache-sampler", daemon=True
         )
         self._thread.start()
-        atexit.register(self.sample)
 
-    def _run(self, interval: float) -> None:
+    def _run(self) -> None:
         while True:
-            time.sleep(interval)
+            time.sleep(SAMPLE_INTERVAL)
             self.sample()
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()  # no sample in progress, so no cache lock held by this thread
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def _restart_in_child(self) -> None:
+        """The counts so far are the parent's to report: take them as the baseline."""
+        self._lock = threading.Lock()
+        for read in self._sources.read().values():
+            for source, snapshot in read:
+                self._last[source] = snapshot
+        self._start_thread()
 
     def sample(self) -> None:
         """Add what the caches counted since the last sample; set the gauges."""

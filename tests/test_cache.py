@@ -671,3 +671,38 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path: Path) -> None:
     assert requests(merged, "config", "hit") == 2
     assert requests(merged, "config", "miss") == 2
     assert entries(merged, "users") == (4, 4)  # livesum; nobody marked the workers dead
+
+
+_PRELOADED = textwrap.dedent(
+    """
+    import os, time
+    import asgi_perfmon.cache as cache_module
+    cache_module.SAMPLE_INTERVAL = 0.05
+    from asgi_perfmon.cache import cached
+
+    @cached("forked", maxsize=4)  # decorated in the parent, as with gunicorn --preload
+    def double(x):
+        return 2 * x
+
+    double(1)  # the parent's miss, before the fork
+    pid = os.fork()
+    if pid == 0:
+        double(1)  # a hit on the inherited entry
+        double(2)  # a miss
+        time.sleep(0.5)  # the child's own sampler reports them
+        os._exit(0)  # like a worker that ends without running atexit handlers
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_a_forked_worker_reports_its_own_counts_once(tmp_path: Path) -> None:
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": python_path}
+    subprocess.run([sys.executable, "-c", _PRELOADED], env=env, check=True, timeout=60)
+
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=str(tmp_path))  # type: ignore[no-untyped-call]
+
+    assert requests(merged, "forked", "miss") == 2
+    assert requests(merged, "forked", "hit") == 1
