@@ -116,19 +116,22 @@ def _signal_group(service: Service, signum: signal.Signals) -> None:
 
 
 def _stop(service: Service) -> bool:
-    """``stop_signal`` to the group, wait; SIGKILL if it hangs. Whether it stopped by itself."""
+    """``stop_signal`` to the server, wait; SIGKILL its group if it hangs or left children.
+
+    Only the server gets the signal: its children (``initdb`` while the app starts) must run
+    to the end, so that its shutdown can remove what they made. Whether it stopped by itself.
+    """
     if service.process.poll() is None:
-        _signal_group(service, service.stop_signal)
-    graceful = True
+        service.process.send_signal(service.stop_signal)
     try:
         service.process.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        graceful = False
-    if graceful and not service.group_alive():
-        return True
-    _signal_group(service, signal.SIGKILL)
-    service.process.wait()
-    return graceful
+        _signal_group(service, signal.SIGKILL)
+        service.process.wait()
+        return False
+    if service.group_alive():
+        _signal_group(service, signal.SIGKILL)
+    return True
 
 
 def free_port() -> int:
