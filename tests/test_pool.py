@@ -130,6 +130,10 @@ async def test_instrument_pool_validates_its_options(registry: CollectorRegistry
         instrument_pool(pool, sample_interval=0, registry=registry)
     with pytest.raises(ValueError, match="buckets"):
         instrument_pool(pool, buckets=[0.1, 0.05], registry=registry)
+    instrument_pool(pool, "first", buckets=[0.1, 1.0], registry=registry)
+    other = asyncpg.create_pool("postgresql://nowhere", min_size=0)
+    with pytest.raises(ValueError, match="must match those of the first pool"):
+        instrument_pool(other, "second", buckets=[0.5], registry=registry)
 
 
 # --- sizes --------------------------------------------------------------------------------
