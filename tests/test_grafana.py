@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -86,6 +87,7 @@ PROMETHEUS_SERIES = {"up"}  # written by Prometheus itself, not by the app
 
 # @grafana/schema is the TypeScript schema Grafana publishes; the version is pinned so the check
 # is repeatable. It is installed (about 35 MB) into a cache directory, never into the repo.
+SDK_GRAFANA_VERSION = (11, 6)
 GRAFANA_SCHEMA_NPM = ("@grafana/schema@13.2.3", "typescript@5.9.3")
 
 
@@ -320,6 +322,14 @@ def _lost_keys(original: Any, round_tripped: Any, path: str = "$") -> list[str]:
 def sdk_round_trip(data: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Parse with grafana-foundation-sdk's typed models, then encode again."""
     cog = pytest.importorskip("grafana_foundation_sdk.cog.plugins")
+    # Releases are numbered "<build epoch>!<Grafana version>", so an unpinned install picks the
+    # newest build, which is of the Grafana 10.1 schema: too old for current panel options.
+    grafana_version = importlib.metadata.version("grafana-foundation-sdk").split("!")[-1]
+    if tuple(int(part) for part in grafana_version.split(".")[:2]) < SDK_GRAFANA_VERSION:
+        pytest.fail(
+            f"grafana-foundation-sdk models Grafana {grafana_version}; install "
+            "grafana-foundation-sdk==1769699379!11.6.0 (the Grafana 11.6 schema)"
+        )
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
     from grafana_foundation_sdk.models.dashboard import Dashboard
 
@@ -760,7 +770,6 @@ class Traffic:
         self._workers = workers
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-        self.sent = 0
 
     def __enter__(self) -> Traffic:
         self._thread.start()
@@ -783,7 +792,6 @@ class Traffic:
             content = b"x" * rng.randrange(10, 5000) if method == "POST" else None
             with contextlib.suppress(httpx.HTTPError):  # /stream-fail breaks the connection
                 await client.request(method, path, content=content)
-            self.sent += 1
             await asyncio.sleep(0.05)
 
 
@@ -791,7 +799,6 @@ class Traffic:
 class Live:
     prometheus: httpx.Client
     app_url: str
-    metrics_text: str = ""
 
     def query(self, expr: str, *, instant: bool = False) -> list[dict[str, Any]]:
         """The result series of ``expr`` over the live range (an instant query at its end)."""
