@@ -32,6 +32,16 @@ def overflow_counter(registry: CollectorRegistry, namespace: str) -> Counter:
     return shared(registry, ("overflow", namespace), build)
 
 
+class LabelValues:
+    """Stands in for a metric, so ``BoundedLabels`` can bound names that are read at scrape time.
+
+    ``BoundedLabels(LabelValues(), ...).labels("x")`` returns ``("x",)``, or the overflow value.
+    """
+
+    def labels(self, *values: str) -> tuple[str, ...]:
+        return values
+
+
 def validate_max_label_values(value: int) -> int:
     """Raise ``ValueError`` unless ``value`` is a usable label cap."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

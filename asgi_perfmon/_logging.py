@@ -17,20 +17,31 @@ def log_safely(level: str, event: str, **fields: Any) -> None:
 
 
 class FailureLog:
-    """Logs each kind of instrumentation failure once, so a fault does not flood the logs."""
+    """Logs each kind of instrumentation failure once, so a fault does not flood the logs.
+
+    A kind is the event, the place, the error type and the extra fields (e.g. a pool name).
+    """
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: set[tuple[object, ...]] = set()
 
-    def record(self, where: str, error: BaseException) -> None:
-        key = (where, type(error).__name__)
+    def record(
+        self,
+        where: str,
+        error: BaseException,
+        *,
+        event: str = "instrumentation_failed",
+        **fields: str,
+    ) -> None:
+        key = (event, where, type(error).__name__, *fields.values())
         if key in self._seen:
             return
         self._seen.add(key)
         log_safely(
             "error",
-            "instrumentation_failed",
+            event,
             where=where,
             error_type=type(error).__name__,
             exc_info=error,
+            **fields,
         )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import functools
 import inspect
 import math
@@ -33,11 +32,16 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar, cast
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, BoundedLabels, overflow_counter
+from asgi_perfmon._labels import (
+    DEFAULT_MAX_LABEL_VALUES,
+    BoundedLabels,
+    LabelValues,
+    overflow_counter,
+)
+from asgi_perfmon._logging import FailureLog
 from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
 from asgi_perfmon.context import current_request
 
@@ -55,7 +59,6 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-logger = structlog.get_logger("asgi_perfmon")
 
 EVICTION_REASONS = ("size", "expired", "invalidated")
 SAMPLE_INTERVAL = 5.0
@@ -105,30 +108,6 @@ class CachedFunction(Protocol[P, R]):
         ...
 
 
-class _FailureLog:
-    """Logs each kind of failure to read a cache once; the application carries on."""
-
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, str]] = set()
-
-    def __call__(self, cache_name: str, error: Exception) -> None:
-        key = (cache_name, type(error).__name__)
-        if key in self._seen:
-            return
-        self._seen.add(key)
-        with contextlib.suppress(Exception):  # a broken log sink must not break the app either
-            logger.error(
-                "collector_failed", cache_name=cache_name, error_type=key[1], exc_info=error
-            )
-
-
-class _LabelValues:
-    """Stands in for a metric so ``BoundedLabels`` can bound names read at scrape time."""
-
-    def labels(self, *values: str) -> tuple[str, ...]:
-        return values
-
-
 def _weak_reference(target: object) -> Callable[[], Any]:
     """A weak reference to ``target``, or a strong one if it cannot be referenced weakly."""
     if inspect.ismethod(target):
@@ -162,7 +141,7 @@ class CacheSources:
         self._names = names
         self._by_name: dict[str, list[_Source]] = {}
         self._lock = threading.Lock()
-        self._log_failure = _FailureLog()
+        self._log_failure = FailureLog()
         self.on_add: Callable[[], None] | None = None
 
     def add(self, name: str, target: object, read: Callable[[Any], CacheSnapshot]) -> None:
@@ -190,7 +169,7 @@ class CacheSources:
         try:
             snapshot = source.snapshot()
         except Exception as error:
-            self._log_failure(name, error)
+            self._log_failure.record("cache", error, event="collector_failed", cache_name=name)
             return None
         if snapshot is None:
             self._forget(name, source)
@@ -403,7 +382,7 @@ def cache_sources(registry: CollectorRegistry, namespace: str) -> CacheSources:
 
     def build() -> CacheSources:
         names: BoundedLabels[tuple[str, ...]] = BoundedLabels(
-            _LabelValues(),
+            LabelValues(),
             name=metric_name(namespace, "cache_requests_total"),
             label_count=1,
             max_values=DEFAULT_MAX_LABEL_VALUES,

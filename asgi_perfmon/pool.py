@@ -45,16 +45,17 @@ from functools import lru_cache
 from time import perf_counter
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from asgi_perfmon._labels import (
     DEFAULT_MAX_LABEL_VALUES,
     BoundedLabels,
+    LabelValues,
     overflow_counter,
     validate_max_label_values,
 )
+from asgi_perfmon._logging import FailureLog
 from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
 from asgi_perfmon.context import current_operation, current_request
 
@@ -66,7 +67,6 @@ __all__ = [
     "sql_operation_name",
 ]
 
-logger = structlog.get_logger("asgi_perfmon")
 
 DB_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -132,28 +132,6 @@ def _operation_for(query: str, default: str | None = None) -> str:
     return _operation_name.get() or current_operation() or default or sql_operation_name(query)
 
 
-class _FailureLog:
-    """Logs each kind of instrumentation failure once; the application carries on."""
-
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, str, str]] = set()
-
-    def __call__(self, event: str, pool_name: str, error: Exception) -> None:
-        key = (event, pool_name, type(error).__name__)
-        if key in self._seen:
-            return
-        self._seen.add(key)
-        with contextlib.suppress(Exception):  # a broken log sink must not break the app either
-            logger.error(event, pool_name=pool_name, error_type=key[2], exc_info=error)
-
-
-class _LabelValues:
-    """Stands in for a metric so ``BoundedLabels`` can bound names read at scrape time."""
-
-    def labels(self, *values: str) -> tuple[str, ...]:
-        return values
-
-
 @dataclass(frozen=True)
 class PoolSizes:
     """What the public ``asyncpg.Pool`` API says about one pool's connections."""
@@ -182,7 +160,7 @@ class PoolSizeCollector:
     def __init__(self, namespace: str, pools: Callable[[], list[tuple[str, Any]]]) -> None:
         self._namespace = namespace
         self._pools = pools
-        self._log_failure = _FailureLog()
+        self._log_failure = FailureLog()
 
     def describe(self) -> Iterator[Metric]:
         """The families this collector exports, so the registry knows their names."""
@@ -205,7 +183,7 @@ class PoolSizeCollector:
         try:
             return read_pool_sizes(pool)
         except Exception as error:
-            self._log_failure("collector_failed", name, error)
+            self._log_failure.record("pool", error, event="collector_failed", pool_name=name)
             return None
 
     def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -288,7 +266,7 @@ class PoolMetrics:
         self._pools: dict[str, InstrumentedPool] = {}
         self._lock = threading.Lock()
         self.pool_names: BoundedLabels[tuple[str, ...]] = self._bounded(
-            _LabelValues(), "db_client_pool_name", 1
+            LabelValues(), "db_client_pool_name", 1
         )
         self.wait_time = self._bounded(
             Histogram(
@@ -404,7 +382,7 @@ class _QueryRecorder:
         self.reset_queries: set[str] = set()
         self._pool_name = pool_name
         self._metrics = metrics
-        self._log_failure = _FailureLog()
+        self._log_failure = FailureLog()
 
     def __call__(self, record: Any) -> None:
         """Called by asyncpg (via ``call_soon``) with a ``LoggedQuery`` after each query."""
@@ -423,7 +401,9 @@ class _QueryRecorder:
         try:
             self.record(statement, seconds, error, default_operation=default_operation)
         except Exception as failure:
-            self._log_failure("query_recording_failed", self._pool_name, failure)
+            self._log_failure.record(
+                "pool", failure, event="query_recording_failed", pool_name=self._pool_name
+            )
 
     def record(
         self,
@@ -488,7 +468,7 @@ class InstrumentedPool:
         self._pending = metrics.pending.labels(name)
         self._timeouts = metrics.timeouts.labels(name)
         self._recorder = _QueryRecorder(name, metrics)
-        self._log_failure = _FailureLog()
+        self._log_failure = FailureLog()
         self._sampler: asyncio.Task[None] | None = None
 
     @property
@@ -552,7 +532,9 @@ class InstrumentedPool:
             self._recorder.reset_queries.add(connection.get_reset_query())
             connection.add_query_logger(self._recorder)
         except Exception as error:
-            self._log_failure("query_logger_failed", self._name, error)
+            self._log_failure.record(
+                "pool", error, event="query_logger_failed", pool_name=self._name
+            )
 
     def _unwatch(self, connection: Any) -> None:
         """Remove the logger before release, so the pool's reset query is not logged."""
@@ -672,7 +654,7 @@ class InstrumentedPool:
         try:
             gauges.write(self._name, read_pool_sizes(self._pool))
         except Exception as error:
-            self._log_failure("collector_failed", self._name, error)
+            self._log_failure.record("pool", error, event="collector_failed", pool_name=self._name)
 
     async def _sample_periodically(self) -> None:
         while not self._pool.is_closing():
