@@ -106,6 +106,8 @@ def _install_root_handler(
 def _route_server_loggers(names: Sequence[str] = ROUTED_LOGGERS) -> None:
     for name in names:
         server_logger = logging.getLogger(name)
+        if not server_logger.handlers and not server_logger.propagate:
+            continue  # silenced on purpose, e.g. by ``uvicorn --no-access-log``
         for handler in list(server_logger.handlers):
             server_logger.removeHandler(handler)
         server_logger.propagate = True

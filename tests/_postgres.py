@@ -93,9 +93,13 @@ class PostgresCluster:
         self.directory = Path(tempfile.mkdtemp(prefix="perfmon-pg-"))
         self.port = _free_port()
         self._as_user: list[str] = []
-        if os.geteuid() == 0:
-            self._drop_privileges_to("nobody")
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        try:
+            if os.geteuid() == 0:
+                self._drop_privileges_to("nobody")
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        except BaseException:  # a failed or interrupted initdb must not leave the directory
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
 
     @property
     def data(self) -> Path:

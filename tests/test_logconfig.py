@@ -286,3 +286,16 @@ def test_invalid_settings(
         configure_logging(stream=io.StringIO(), **kwargs)
 
     assert logging.getLogger().handlers == before
+
+
+def test_an_access_log_silenced_by_the_server_stays_silent() -> None:
+    """``uvicorn --no-access-log`` leaves the access logger without handlers, not propagating."""
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
+    out = io.StringIO()
+    configure_logging(json=True, stream=out)
+
+    access.info("GET /users/42 200")
+
+    assert [] == lines(out)
