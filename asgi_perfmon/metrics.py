@@ -221,7 +221,7 @@ class HttpMetrics:
     def _counter(self, name: str, doc: str, labels: Sequence[str]) -> BoundedLabels[Any]:
         full = metric_name(self._namespace, name)
         metric = Counter(full, doc, labels, registry=self._registry)
-        return self._bounded(metric, full, len(labels))
+        return self._bounded(metric, f"{full}_total", len(labels))
 
 
 def http_metrics(
