@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from asgi_perfmon._logging import log_safely
 from asgi_perfmon._registry import metric_name, shared
@@ -114,4 +115,53 @@ class BoundedLabels(Generic[ChildT]):
             metric=self._name,
             max_label_values=self._max_values,
             example=[value[:64] for value in values],
+        )
+
+
+class BoundedFamilies:
+    """Creates labelled metric families in one registry and namespace, each label-capped."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        namespace: str,
+        max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
+    ) -> None:
+        self._registry = registry
+        self._namespace = namespace
+        self._max_label_values = max_label_values
+        self._overflow = overflow_counter(registry, namespace)
+
+    def histogram(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
+    ) -> BoundedLabels[Any]:
+        full = metric_name(self._namespace, name)
+        metric = Histogram(full, documentation, labels, registry=self._registry, buckets=buckets)
+        return self._bounded(metric, full, len(labels))
+
+    def gauge(self, name: str, documentation: str, labels: Sequence[str]) -> BoundedLabels[Any]:
+        """A gauge summed over the live processes in multiprocess mode."""
+        full = metric_name(self._namespace, name)
+        metric = Gauge(
+            full, documentation, labels, registry=self._registry, multiprocess_mode="livesum"
+        )
+        return self._bounded(metric, full, len(labels))
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> BoundedLabels[Any]:
+        """A counter; ``name`` without the ``_total`` that prometheus-client appends."""
+        full = metric_name(self._namespace, name)
+        metric = Counter(full, documentation, labels, registry=self._registry)
+        return self._bounded(metric, f"{full}_total", len(labels))
+
+    def values(self, name: str, label_count: int = 1) -> BoundedLabels[tuple[str, ...]]:
+        """Capped label values for a family that is built at scrape time (see ``LabelValues``)."""
+        return self._bounded(LabelValues(), metric_name(self._namespace, name), label_count)
+
+    def _bounded(self, metric: Any, name: str, label_count: int) -> BoundedLabels[Any]:
+        return BoundedLabels(
+            metric,
+            name=name,
+            label_count=label_count,
+            max_values=self._max_label_values,
+            overflow=self._overflow,
         )

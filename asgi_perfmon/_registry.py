@@ -49,3 +49,19 @@ def shared(registry: CollectorRegistry, key: tuple[str, ...], build: Callable[[]
         if key not in per_registry:
             per_registry[key] = build()
         return per_registry[key]  # type: ignore[no-any-return]
+
+
+def shared_matching(
+    registry: CollectorRegistry,
+    key: tuple[str, ...],
+    build: Callable[[], T],
+    *,
+    matches: Callable[[T], bool],
+    conflict: str,
+) -> T:
+    """Like :func:`shared`, but raise ``ValueError(conflict)`` unless the shared object
+    ``matches`` the options of the caller (e.g. its buckets)."""
+    value = shared(registry, key, build)
+    if not matches(value):
+        raise ValueError(conflict)
+    return value

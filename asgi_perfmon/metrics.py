@@ -6,10 +6,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 
-from asgi_perfmon._labels import BoundedLabels, overflow_counter
-from asgi_perfmon._registry import metric_name, shared
+from asgi_perfmon._labels import BoundedFamilies
+from asgi_perfmon._registry import metric_name, shared_matching
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -111,59 +111,57 @@ class HttpMetrics:
     ) -> None:
         self.buckets = buckets
         self.max_label_values = max_label_values
-        self._registry = registry
-        self._namespace = namespace
-        self._overflow = overflow_counter(registry, namespace)
-        self.duration = self._histogram(
+        families = BoundedFamilies(registry, namespace, max_label_values)
+        self.duration = families.histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, until the last response byte was sent.",
             [*_HTTP, "http_response_status_code"],
             buckets,
         )
-        self.active = self._gauge(
+        self.active = families.gauge(
             "http_server_active_requests", "Number of HTTP requests in flight.", _HTTP
         )
-        self.time_to_first_byte = self._histogram(
+        self.time_to_first_byte = families.histogram(
             "http_server_time_to_first_byte_seconds",
             "Time until the first response body byte was sent.",
             _HTTP,
             buckets,
         )
-        self.request_size = self._histogram(
+        self.request_size = families.histogram(
             "http_server_request_body_size_bytes",
             "Size of HTTP request bodies, counted from the bytes received.",
             _HTTP,
             SIZE_BUCKETS,
         )
-        self.response_size = self._histogram(
+        self.response_size = families.histogram(
             "http_server_response_body_size_bytes",
             "Size of HTTP response bodies, counted from the bytes sent.",
             _HTTP,
             SIZE_BUCKETS,
         )
-        self.slow = self._counter(
+        self.slow = families.counter(
             "http_server_slow_requests", "Requests at or over the slow-request threshold.", _HTTP
         )
-        self.exceptions = self._counter(
+        self.exceptions = families.counter(
             "http_server_exceptions",
             "Exceptions raised through the middleware, by type.",
             [*_HTTP, "error_type"],
         )
-        self.aborted = self._counter(
+        self.aborted = families.counter(
             "http_server_aborted_requests",
             "Requests whose response was not completed: the client left or the app failed.",
             [*_HTTP, "reason"],
         )
-        self.ws_active = self._gauge(
+        self.ws_active = families.gauge(
             "websocket_server_active_connections", "Open websocket connections.", ["http_route"]
         )
-        self.ws_duration = self._histogram(
+        self.ws_duration = families.histogram(
             "websocket_server_connection_duration_seconds",
             "Duration of websocket connections.",
             ["http_route"],
             (0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0),
         )
-        self.ws_messages = self._counter(
+        self.ws_messages = families.counter(
             "websocket_server_messages",
             "Websocket messages, by direction.",
             ["http_route", "direction"],
@@ -197,32 +195,6 @@ class HttpMetrics:
                 self._ws_series[route] = series
         return series
 
-    def _bounded(self, metric: Any, name: str, label_count: int) -> BoundedLabels[Any]:
-        return BoundedLabels(
-            metric,
-            name=name,
-            label_count=label_count,
-            max_values=self.max_label_values,
-            overflow=self._overflow,
-        )
-
-    def _histogram(
-        self, name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
-    ) -> BoundedLabels[Any]:
-        full = metric_name(self._namespace, name)
-        metric = Histogram(full, doc, labels, registry=self._registry, buckets=buckets)
-        return self._bounded(metric, full, len(labels))
-
-    def _gauge(self, name: str, doc: str, labels: Sequence[str]) -> BoundedLabels[Any]:
-        full = metric_name(self._namespace, name)
-        metric = Gauge(full, doc, labels, registry=self._registry, multiprocess_mode="livesum")
-        return self._bounded(metric, full, len(labels))
-
-    def _counter(self, name: str, doc: str, labels: Sequence[str]) -> BoundedLabels[Any]:
-        full = metric_name(self._namespace, name)
-        metric = Counter(full, doc, labels, registry=self._registry)
-        return self._bounded(metric, f"{full}_total", len(labels))
-
 
 def http_metrics(
     registry: CollectorRegistry,
@@ -233,7 +205,7 @@ def http_metrics(
     version: str,
 ) -> HttpMetrics:
     """The middleware's metrics in ``registry``, created on first use and shared after."""
-    metrics = shared(
+    return shared_matching(
         registry,
         ("http", namespace),
         lambda: HttpMetrics(
@@ -243,11 +215,11 @@ def http_metrics(
             max_label_values=max_label_values,
             version=version,
         ),
-    )
-    if metrics.buckets != buckets or metrics.max_label_values != max_label_values:
-        msg = (
+        matches=lambda metrics: (
+            metrics.buckets == buckets and metrics.max_label_values == max_label_values
+        ),
+        conflict=(
             "This registry already holds the asgi-perfmon HTTP metrics with other buckets or "
             "another label cap; pass the same options, or a separate registry or namespace."
-        )
-        raise ValueError(msg)
-    return metrics
+        ),
+    )

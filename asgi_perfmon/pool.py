@@ -45,18 +45,21 @@ from functools import lru_cache
 from time import perf_counter
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from asgi_perfmon._labels import (
     DEFAULT_MAX_LABEL_VALUES,
-    BoundedLabels,
-    LabelValues,
-    overflow_counter,
+    BoundedFamilies,
     validate_max_label_values,
 )
 from asgi_perfmon._logging import FailureLog
-from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
+from asgi_perfmon._registry import (
+    metric_name,
+    resolve_namespace,
+    resolve_registry,
+    shared_matching,
+)
 from asgi_perfmon.context import current_operation, current_request
 
 __all__ = [
@@ -259,60 +262,39 @@ class PoolMetrics:
     ) -> None:
         self.buckets = buckets
         self.multiprocess = multiprocess
-        self._registry = registry
-        self._namespace = namespace
-        self._max_label_values = max_label_values
-        self._overflow = overflow_counter(registry, namespace)
         self._pools: dict[str, InstrumentedPool] = {}
         self._lock = threading.Lock()
-        self.pool_names: BoundedLabels[tuple[str, ...]] = self._bounded(
-            LabelValues(), "db_client_pool_name", 1
-        )
-        self.wait_time = self._bounded(
-            Histogram(
-                metric_name(namespace, "db_client_connection_wait_time_seconds"),
-                "Time it took to obtain a connection from the pool (timeouts included).",
-                list(_POOL_LABELS),
-                buckets=buckets,
-                registry=registry,
-            ),
+        families = BoundedFamilies(registry, namespace, max_label_values)
+        self.pool_names = families.values("db_client_pool_name")
+        self.wait_time = families.histogram(
             "db_client_connection_wait_time_seconds",
-            1,
+            "Time it took to obtain a connection from the pool (timeouts included).",
+            _POOL_LABELS,
+            buckets,
         )
-        self.pending = self._bounded(
-            Gauge(
-                metric_name(namespace, "db_client_connection_pending_requests"),
-                "Callers waiting for a connection from the pool.",
-                list(_POOL_LABELS),
-                registry=registry,
-                multiprocess_mode="livesum",
-            ),
+        self.pending = families.gauge(
             "db_client_connection_pending_requests",
-            1,
+            "Callers waiting for a connection from the pool.",
+            _POOL_LABELS,
         )
-        self.timeouts = self._counter(
+        self.timeouts = families.counter(
             "db_client_connection_timeouts",
             "Acquires that gave up after their timeout.",
             _POOL_LABELS,
         )
-        self.acquire_errors = self._counter(
+        self.acquire_errors = families.counter(
             "db_client_connection_acquire_errors",
             "Acquires that failed with an error other than a timeout, by type "
             "(e.g. the server cannot be reached).",
             ("pool_name", "error_type"),
         )
-        self.duration = self._bounded(
-            Histogram(
-                metric_name(namespace, "db_client_operation_duration_seconds"),
-                "Duration of database operations, by operation name and outcome.",
-                list(_OPERATION_LABELS),
-                buckets=buckets,
-                registry=registry,
-            ),
+        self.duration = families.histogram(
             "db_client_operation_duration_seconds",
-            len(_OPERATION_LABELS),
+            "Duration of database operations, by operation name and outcome.",
+            _OPERATION_LABELS,
+            buckets,
         )
-        self.errors = self._counter(
+        self.errors = families.counter(
             "db_client_operation_errors",
             "Database operations that raised, by operation name and exception type.",
             _ERROR_LABELS,
@@ -322,21 +304,6 @@ class PoolMetrics:
             self.sizes = PoolSizeGauges(registry, namespace)
         else:
             registry.register(PoolSizeCollector(namespace, self.open_pools))
-
-    def _bounded(self, metric: Any, name: str, label_count: int) -> BoundedLabels[Any]:
-        return BoundedLabels(
-            metric,
-            name=metric_name(self._namespace, name),
-            label_count=label_count,
-            max_values=self._max_label_values,
-            overflow=self._overflow,
-        )
-
-    def _counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> Any:
-        counter = Counter(
-            metric_name(self._namespace, name), documentation, list(labels), registry=self._registry
-        )
-        return self._bounded(counter, f"{name}_total", len(labels))
 
     def open_pools(self) -> list[tuple[str, Any]]:
         """``(name, asyncpg pool)`` of every registered pool that is not closed."""
@@ -714,7 +681,7 @@ def _pool_metrics(
     max_label_values: int,
     multiprocess: bool,
 ) -> PoolMetrics:
-    metrics = shared(
+    return shared_matching(
         registry,
         ("db_client", namespace),
         lambda: PoolMetrics(
@@ -724,15 +691,12 @@ def _pool_metrics(
             max_label_values=max_label_values,
             multiprocess=multiprocess,
         ),
-    )
-    if metrics.buckets != buckets or metrics.multiprocess != multiprocess:
-        msg = (
+        matches=lambda metrics: metrics.buckets == buckets and metrics.multiprocess == multiprocess,
+        conflict=(
             "Pools of one registry share their metric families: buckets and multiprocess "
-            f"must match those of the first pool ({list(metrics.buckets)}, "
-            f"multiprocess={metrics.multiprocess})."
-        )
-        raise ValueError(msg)
-    return metrics
+            "must match those of the first pool."
+        ),
+    )
 
 
 def _validate(name: str, sample_interval: float) -> None:

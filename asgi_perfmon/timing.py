@@ -12,11 +12,11 @@ from types import TracebackType
 from typing import Any, NamedTuple, TypeVar, overload
 
 import structlog
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 
-from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, BoundedLabels, overflow_counter
+from asgi_perfmon._labels import BoundedFamilies, BoundedLabels
 from asgi_perfmon._logging import FailureLog
-from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
+from asgi_perfmon._registry import resolve_namespace, resolve_registry, shared_matching
 from asgi_perfmon.context import _current, _operation
 from asgi_perfmon.metrics import DEFAULT_BUCKETS, validate_buckets
 
@@ -38,34 +38,26 @@ class _Family(NamedTuple):
 
 def _family(registry: CollectorRegistry, namespace: str, buckets: tuple[float, ...]) -> _Family:
     """``operation_duration_seconds{operation,outcome}`` in ``registry``, shared."""
-    name = metric_name(namespace, "operation_duration_seconds")
-    overflow = overflow_counter(registry, namespace)
 
     def build() -> _Family:
-        histogram = Histogram(
-            name,
+        children = BoundedFamilies(registry, namespace).histogram(
+            "operation_duration_seconds",
             "Duration of operations timed with asgi_perfmon.timed, by outcome.",
             ["operation", "outcome"],
-            registry=registry,
-            buckets=buckets,
-        )
-        children: BoundedLabels[Any] = BoundedLabels(
-            histogram,
-            name=name,
-            label_count=2,
-            max_values=DEFAULT_MAX_LABEL_VALUES,
-            overflow=overflow,
+            buckets,
         )
         return _Family(buckets, children)
 
-    family = shared(registry, ("operation_duration", namespace), build)
-    if family.buckets != buckets:
-        msg = (
+    return shared_matching(
+        registry,
+        ("operation_duration", namespace),
+        build,
+        matches=lambda family: family.buckets == buckets,
+        conflict=(
             "This registry already holds operation_duration_seconds with other buckets; pass "
             "the same buckets to every timed(), or use a separate registry or namespace."
-        )
-        raise ValueError(msg)
-    return family
+        ),
+    )
 
 
 class _Operation:
