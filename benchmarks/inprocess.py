@@ -72,7 +72,7 @@ class Settings:
     warmup: int
 
 
-FULL = Settings(rounds=41, batch=250, warmup=500)
+FULL = Settings(rounds=51, batch=250, warmup=500)
 SMOKE = Settings(rounds=3, batch=20, warmup=20)
 
 

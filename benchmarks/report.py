@@ -127,8 +127,9 @@ def _scrape(section: dict[str, Any]) -> list[str]:
             for name, row in results.items()
         ]
         routes = next(iter(results.values()))["routes"] if results else 0
+        note = " (about 10,000 series for asgi-perfmon)" if size == "10k_series" else ""
         lines += [
-            f"**{routes} routes** ({size.replace('_', ' ')}):",
+            f"**{routes} routes**{note}:",
             "",
             *_table(
                 ["variant", "series", "scrape ms", "size", "sent", "format",
