@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from starlette.routing import BaseRoute, Host, Match
+from starlette.routing import BaseRoute, Host, Match, Route, WebSocketRoute
 
 from asgi_perfmon._logging import FailureLog
 from asgi_perfmon._types import Scope
@@ -42,6 +43,42 @@ def _fastapi_attribute(name: str) -> Any:
     return getattr(sys.modules.get("fastapi.routing"), name, None)
 
 
+def _leaf_scope_type(route: Any) -> str | None:
+    """``"http"`` or ``"websocket"`` for the plain route classes we can match by regex alone.
+
+    Subclasses may override ``matches()``, so only the exact classes qualify; anything else
+    (mounts, hosts, custom routes) is asked through ``matches()``.
+    """
+    kind = type(_original(route))
+    if kind is Route or kind is _fastapi_attribute("APIRoute"):
+        return "http"
+    if kind is WebSocketRoute or kind is _fastapi_attribute("APIWebSocketRoute"):
+        return "websocket"
+    return None
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A route prepared for matching: plain routes carry what a regex match needs."""
+
+    route: Any
+    scope_type: str | None
+    regex: Any = None
+    methods: frozenset[str] | None = None
+    template: str = ""
+
+    @classmethod
+    def of(cls, route: Any) -> _Candidate:
+        scope_type = _leaf_scope_type(route)
+        regex = getattr(route, "path_regex", None) if scope_type else None
+        if regex is None:
+            return cls(route, None)
+        methods = getattr(route, "methods", None)
+        return cls(
+            route, scope_type, regex, frozenset(methods) if methods else None, _template(route)
+        )
+
+
 def _original(route: Any) -> Any:
     return getattr(route, "original_route", route)
 
@@ -61,7 +98,7 @@ class RouteResolver:
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self._cache_size = cache_size
         self._cache: dict[tuple[Any, ...], str] = {}
-        self._flattened: dict[int, tuple[Sequence[Any], int, list[Any]]] = {}
+        self._flattened: dict[int, tuple[Sequence[Any], int, list[_Candidate]]] = {}
         self._failures = FailureLog()
 
     def resolve(self, routes: Sequence[Any] | None, scope: Scope) -> str:
@@ -73,7 +110,7 @@ class RouteResolver:
         if template is None:
             template = self._resolve_uncached(routes, scope)
             if len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]
+                self._cache.clear()  # cheaper than LRU bookkeeping; refills from hot paths
             self._cache[key] = template
         return template
 
@@ -107,7 +144,16 @@ class RouteResolver:
         self, routes: Sequence[Any], scope: dict[str, Any], prefix: str
     ) -> tuple[str | None, Match]:
         partial: str | None = None
-        for route in self._candidates(routes):
+        path = _router_path(scope)
+        for candidate in self._candidates(routes):
+            if candidate.scope_type is not None:
+                if candidate.scope_type != scope["type"] or not candidate.regex.match(path):
+                    continue
+                if candidate.methods is None or scope["method"] in candidate.methods:
+                    return prefix + candidate.template, Match.FULL
+                partial = partial or prefix + candidate.template
+                continue
+            route = candidate.route
             match, child_scope = route.matches(scope)
             if match is Match.NONE:
                 continue
@@ -116,8 +162,7 @@ class RouteResolver:
                 return self._match_mounted(route, sub_routes, {**scope, **child_scope}, prefix)
             if match is Match.FULL:
                 return prefix + _template(route), match
-            if partial is None:
-                partial = prefix + _template(route)
+            partial = partial or prefix + _template(route)
         if partial is not None:
             return partial, Match.PARTIAL
         return None, Match.NONE
@@ -132,12 +177,12 @@ class RouteResolver:
             return mount_prefix + "/{path}", Match.FULL
         return self._match(sub_routes, scope, mount_prefix)
 
-    def _candidates(self, routes: Sequence[Any]) -> list[Any]:
+    def _candidates(self, routes: Sequence[Any]) -> list[_Candidate]:
         """``routes`` with FastAPI's included routers flattened, cached per routes list."""
         cached = self._flattened.get(id(routes))
         if cached is not None and cached[0] is routes and cached[1] == len(routes):
             return cached[2]
-        flat = list(_flatten(routes))
+        flat = [_Candidate.of(route) for route in _flatten(routes)]
         self._flattened[id(routes)] = (routes, len(routes), flat)
         return flat
 
@@ -147,6 +192,12 @@ def _flatten(routes: Sequence[BaseRoute]) -> Iterable[Any]:
     if iter_route_contexts is None:
         return routes
     return iter_route_contexts(routes)  # type: ignore[no-any-return]
+
+
+try:  # the router's own notion of the path, which changed across Starlette versions
+    from starlette._utils import get_route_path as _router_path
+except ImportError:  # pragma: no cover - a Starlette without it
+    _router_path = route_path
 
 
 def _cache_key(scope: Scope) -> tuple[Any, ...]:
