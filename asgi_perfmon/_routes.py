@@ -100,12 +100,13 @@ class RouteResolver:
         self._cache: dict[tuple[Any, ...], str] = {}
         self._flattened: dict[int, tuple[Sequence[Any], int, list[_Candidate]]] = {}
         self._failures = FailureLog()
+        self._host_routes = False  # whether the Host header can change the answer
 
     def resolve(self, routes: Sequence[Any] | None, scope: Scope) -> str:
         """The template for ``scope`` (taken before the app ran), or ``UNMATCHED``."""
         if routes is None:
             return UNMATCHED
-        key = _cache_key(scope)
+        key = _cache_key(scope, with_host=self._host_routes)
         template = self._cache.get(key)
         if template is None:
             template = self._resolve_uncached(routes, scope)
@@ -183,6 +184,8 @@ class RouteResolver:
         if cached is not None and cached[0] is routes and cached[1] == len(routes):
             return cached[2]
         flat = [_Candidate.of(route) for route in _flatten(routes)]
+        if any(isinstance(_original(candidate.route), Host) for candidate in flat):
+            self._host_routes = True
         self._flattened[id(routes)] = (routes, len(routes), flat)
         return flat
 
@@ -200,16 +203,11 @@ except ImportError:  # pragma: no cover - a Starlette without it
     _router_path = route_path
 
 
-def _cache_key(scope: Scope) -> tuple[Any, ...]:
+def _cache_key(scope: Scope, *, with_host: bool) -> tuple[Any, ...]:
     host = b""
-    for name, value in scope.get("headers", ()):
-        if name == b"host":
-            host = value
-            break
-    return (
-        scope["type"],
-        scope.get("method"),
-        scope["path"],
-        scope.get("root_path", ""),
-        host,
-    )
+    if with_host:
+        for name, value in scope.get("headers", ()):
+            if name == b"host":
+                host = value
+                break
+    return (scope["type"], scope.get("method"), scope["path"], scope.get("root_path", ""), host)

@@ -187,10 +187,11 @@ class PerfMonMiddleware:
         return _Exchange(series, context, self._clock())
 
     def _with_request_id(self, message: Message, request_id: str) -> Message:
-        headers = list(message.get("headers", ()))
+        headers = message.get("headers", ())
         if header_value(headers, self._id_header) is None:
-            headers.append((self._id_header, request_id.encode("ascii")))
-        return {**message, "headers": headers}
+            # A new list: the app may reuse the one it sent (a Response sent twice).
+            message["headers"] = [*headers, (self._id_header, request_id.encode("ascii"))]
+        return message
 
     def _complete(self, exchange: _Exchange) -> None:
         """The last response byte was handed to the server: the request is done."""
@@ -341,7 +342,7 @@ def _routes_of(scope: Scope, inner_app: Any) -> Sequence[Any] | None:
     if router is None and hasattr(inner_app, "routes"):
         router = inner_app
     routes = getattr(router, "routes", None)
-    return routes if isinstance(routes, Sequence) else None
+    return routes if isinstance(routes, (list, tuple)) else None
 
 
 def _caused_by_client(exchange: _Exchange, error: BaseException | None) -> bool:
