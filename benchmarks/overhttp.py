@@ -159,7 +159,29 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _load(
+    server: Server, seconds: float, connections: int, script: Path | None
+) -> dict[str, float]:
+    """One load run; adds the server's CPU time per request, which other load on the
+    machine disturbs less than requests/s."""
+    before = _cpu_seconds(server.process.pid)
+    result = _generate(server, seconds, connections, script)
+    after = _cpu_seconds(server.process.pid)
+    if before is not None and after is not None and result["requests"]:
+        result["server_cpu_us_per_request"] = (after - before) / result["requests"] * 1e6
+    return result
+
+
+def _generate(
     server: Server, seconds: float, connections: int, script: Path | None
 ) -> dict[str, float]:
     if script is not None:
@@ -227,8 +249,20 @@ def _summary(samples: dict[str, list[dict[str, float]]], baseline: str) -> dict[
     for name, results in samples.items():
         rps = statistics.median(r["requests_per_s"] for r in results)
         p99 = statistics.median(r["p99_ms"] for r in results)
+        cpu = [r["server_cpu_us_per_request"] for r in results if "server_cpu_us_per_request" in r]
+        base_cpu = [
+            r["server_cpu_us_per_request"]
+            for r in samples[baseline]
+            if "server_cpu_us_per_request" in r
+        ]
         summary[name] = {
             "requests_per_s": round(rps, 1),
+            "server_cpu_us_per_request": round(statistics.median(cpu), 1) if cpu else None,
+            "server_cpu_overhead_us": (
+                round(statistics.median(cpu) - statistics.median(base_cpu), 1)
+                if cpu and base_cpu
+                else None
+            ),
             "rps_ratio": round(rps / base_rps, 3),
             "p99_ms": round(p99, 2),
             "p99_ratio": round(p99 / base_p99, 3),

@@ -85,6 +85,7 @@ def _http(section: dict[str, Any]) -> list[str]:
             f"{row['p50_ms']:.2f}",
             f"{row['p99_ms']:.2f}",
             f"x{row['p99_ratio']:.2f}",
+            _cpu_cell(row),
         )
         for name, row in section["variants"].items()
     ]
@@ -96,10 +97,31 @@ def _http(section: dict[str, Any]) -> list[str]:
         f"{section['load_generator']}, {settings['connections']} connections, "
         f"{settings['rounds']} rounds of {settings['seconds']:g} s per variant "
         f"(interleaved), {section['route']}; uvicorn with {stack['loop']} and {stack['http']}, "
-        "access log off. Medians over rounds.",
+        "access log off. Medians over rounds. Server CPU: the uvicorn process's user + system "
+        "time per request (in brackets: over the bare app), less disturbed by other load on "
+        "the machine than requests/s.",
         "",
-        *_table(["variant", "req/s", "of bare", "p50 ms", "p99 ms", "p99 vs bare"], rows),
+        *_table(
+            [
+                "variant",
+                "req/s",
+                "of bare",
+                "p50 ms",
+                "p99 ms",
+                "p99 vs bare",
+                "server CPU µs/request",
+            ],
+            rows,
+        ),
     ]
+
+
+def _cpu_cell(row: dict[str, Any]) -> str:
+    cpu = row.get("server_cpu_us_per_request")
+    if cpu is None:
+        return "n/a"
+    overhead = row.get("server_cpu_overhead_us") or 0.0
+    return f"{cpu:.0f} ({overhead:+.0f})"
 
 
 def _scrape(section: dict[str, Any]) -> list[str]:
