@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from asgi_perfmon._logging import log_safely
+from asgi_perfmon._loopmetrics import LoopFamily
 from asgi_perfmon._registry import metric_name, shared
 
 OVERFLOW = "__overflow__"
@@ -126,31 +127,50 @@ class BoundedFamilies:
         registry: CollectorRegistry,
         namespace: str,
         max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
+        *,
+        loop_local: bool = False,
     ) -> None:
+        """``loop_local``: lock-free families for values recorded only on the event loop
+        thread (see ``_loopmetrics``); prometheus-client's metrics otherwise."""
         self._registry = registry
         self._namespace = namespace
         self._max_label_values = max_label_values
+        self._loop_local = loop_local
         self._overflow = overflow_counter(registry, namespace)
 
     def histogram(
         self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
     ) -> BoundedLabels[Any]:
         full = metric_name(self._namespace, name)
-        metric = Histogram(full, documentation, labels, registry=self._registry, buckets=buckets)
+        metric: Any
+        if self._loop_local:
+            metric = LoopFamily(self._registry, "histogram", full, documentation, labels, buckets)
+        else:
+            metric = Histogram(
+                full, documentation, labels, registry=self._registry, buckets=buckets
+            )
         return self._bounded(metric, full, len(labels))
 
     def gauge(self, name: str, documentation: str, labels: Sequence[str]) -> BoundedLabels[Any]:
         """A gauge summed over the live processes in multiprocess mode."""
         full = metric_name(self._namespace, name)
-        metric = Gauge(
-            full, documentation, labels, registry=self._registry, multiprocess_mode="livesum"
-        )
+        metric: Any
+        if self._loop_local:
+            metric = LoopFamily(self._registry, "gauge", full, documentation, labels)
+        else:
+            metric = Gauge(
+                full, documentation, labels, registry=self._registry, multiprocess_mode="livesum"
+            )
         return self._bounded(metric, full, len(labels))
 
     def counter(self, name: str, documentation: str, labels: Sequence[str]) -> BoundedLabels[Any]:
-        """A counter; ``name`` without the ``_total`` that prometheus-client appends."""
+        """A counter; ``name`` without the ``_total`` that the exposition appends."""
         full = metric_name(self._namespace, name)
-        metric = Counter(full, documentation, labels, registry=self._registry)
+        metric: Any
+        if self._loop_local:
+            metric = LoopFamily(self._registry, "counter", full, documentation, labels)
+        else:
+            metric = Counter(full, documentation, labels, registry=self._registry)
         return self._bounded(metric, f"{full}_total", len(labels))
 
     def values(self, name: str, label_count: int = 1) -> BoundedLabels[tuple[str, ...]]:

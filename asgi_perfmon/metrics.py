@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,7 +112,12 @@ class HttpMetrics:
     ) -> None:
         self.buckets = buckets
         self.max_label_values = max_label_values
-        families = BoundedFamilies(registry, namespace, max_label_values)
+        families = BoundedFamilies(
+            registry,
+            namespace,
+            max_label_values,
+            loop_local="PROMETHEUS_MULTIPROC_DIR" not in os.environ,
+        )
         self.duration = families.histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, until the last response byte was sent.",

@@ -33,9 +33,11 @@ DEFAULT_SLOW_REQUEST_THRESHOLD = 1.0
 EXEMPLAR_INTERVAL = 1.0
 """Seconds between exemplars on one route's series; slow requests always get one.
 
-prometheus-client validates every exemplar, which costs more than the observation itself;
-one a second per series is plenty for a scrape every few seconds.
+One a second per series is plenty for a scrape every few seconds, and keeps the cost of
+building exemplars off most requests.
 """
+MAX_EXEMPLAR_ID = 100
+"""OpenMetrics limits an exemplar's labels to 128 characters, names included."""
 MAX_LOGGED_PATH = 512
 
 
@@ -229,9 +231,14 @@ class PerfMonMiddleware:
         first_byte_at = exchange.first_byte_at if exchange.first_byte_at is not None else end
         histogram = series.duration(status)
         slow = duration >= self._slow_threshold
-        if self._exemplars and (slow or end >= series.next_exemplar_at):
+        request_id = exchange.context.request_id
+        if (
+            self._exemplars
+            and (slow or end >= series.next_exemplar_at)
+            and len(request_id) <= MAX_EXEMPLAR_ID
+        ):
             series.next_exemplar_at = end + EXEMPLAR_INTERVAL
-            histogram.observe(duration, {"request_id": exchange.context.request_id})
+            histogram.observe(duration, {"request_id": request_id})
         else:
             histogram.observe(duration)
         series.time_to_first_byte.observe(max(first_byte_at - exchange.start, 0.0))
