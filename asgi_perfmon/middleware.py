@@ -101,6 +101,8 @@ class PerfMonMiddleware:
         self._exemplars = exemplars and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
         self._clock = clock
         self._routes = RouteResolver()
+        self._routes_owner: Any = None  # the app whose router was looked up last, and its router
+        self._router: Any = None
         self._metrics: HttpMetrics = http_metrics(
             resolve_registry(registry),
             namespace=resolve_namespace(namespace),
@@ -157,13 +159,14 @@ class PerfMonMiddleware:
                     if exchange.first_byte_at is None:
                         exchange.first_byte_at = clock()
                 if not message.get("more_body", False) and not exchange.trailers:
-                    self._complete(exchange)
+                    exchange.done_at = clock()
             elif kind == "http.response.trailers" and not message.get("more_trailers", False):
-                self._complete(exchange)
+                exchange.done_at = clock()
             elif kind == "http.response.pathsend":
                 exchange.sent += _file_size(message["path"])
-                exchange.first_byte_at = clock()
-                self._complete(exchange)
+                exchange.first_byte_at = exchange.done_at = clock()
+            if exchange.done_at is not None:  # the last byte went out: the request is done
+                self._finish(exchange, error=None)
 
         context_token = _current.set(exchange.context)
         log_tokens = bind_contextvars(request_id=exchange.context.request_id)
@@ -180,7 +183,7 @@ class PerfMonMiddleware:
 
     def _begin(self, scope: Scope) -> _Exchange:
         method = normalize_method(scope["method"])
-        route = self._routes.resolve(_routes_of(scope, self.app), scope)
+        route = self._routes.resolve(self._routes_of(scope), scope)
         headers = scope.get("headers", [])
         request_id = request_id_from(header_value(headers, self._id_header))
         series = self._metrics.series(method, route)
@@ -188,17 +191,21 @@ class PerfMonMiddleware:
         context = RequestContext(request_id, method, route, scope["path"])
         return _Exchange(series, context, self._clock())
 
+    def _routes_of(self, scope: Scope) -> Sequence[Any] | None:
+        """The top-level routes: those of the app that added this middleware, if any."""
+        app = scope.get("app")
+        if app is not self._routes_owner or app is None:
+            self._routes_owner = app
+            self._router = _router_of(app, self.app)
+        routes = getattr(self._router, "routes", None)
+        return routes if isinstance(routes, (list, tuple)) else None
+
     def _with_request_id(self, message: Message, request_id: str) -> Message:
         headers = message.get("headers", ())
         if header_value(headers, self._id_header) is None:
             # A new list: the app may reuse the one it sent (a Response sent twice).
             message["headers"] = [*headers, (self._id_header, request_id.encode("ascii"))]
         return message
-
-    def _complete(self, exchange: _Exchange) -> None:
-        """The last response byte was handed to the server: the request is done."""
-        exchange.done_at = self._clock()
-        self._finish(exchange, error=None)
 
     def _fail(self, exchange: _Exchange, error: BaseException) -> None:
         if not _caused_by_client(exchange, error):
@@ -268,7 +275,7 @@ class PerfMonMiddleware:
 
     async def _serve_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            route = self._routes.resolve(_routes_of(scope, self.app), scope)
+            route = self._routes.resolve(self._routes_of(scope), scope)
             series = self._metrics.websocket_series(route)
             series.active.inc()
         except Exception as error:
@@ -342,14 +349,11 @@ def _loop_monitor(
     raise ValueError(msg)
 
 
-def _routes_of(scope: Scope, inner_app: Any) -> Sequence[Any] | None:
-    """The top-level routes: those of the app that added this middleware, if any."""
-    app = scope.get("app")
+def _router_of(app: Any, inner_app: Any) -> Any:
     router = getattr(app, "router", None) or getattr(inner_app, "router", None)
     if router is None and hasattr(inner_app, "routes"):
         router = inner_app
-    routes = getattr(router, "routes", None)
-    return routes if isinstance(routes, (list, tuple)) else None
+    return router
 
 
 def _caused_by_client(exchange: _Exchange, error: BaseException | None) -> bool:
