@@ -806,3 +806,21 @@ def test_loop_monitor_option_is_validated(registry: CollectorRegistry) -> None:
     """Anything but True, False or a LoopMonitor is refused."""
     with pytest.raises(ValueError, match="loop_monitor must be True, False or a LoopMonitor"):
         PerfMonMiddleware(echo_request_id_app(), registry=registry, loop_monitor="yes")  # type: ignore[arg-type]
+
+
+async def test_a_long_request_id_is_kept_but_not_made_an_exemplar(
+    registry: CollectorRegistry,
+) -> None:
+    """OpenMetrics caps exemplar labels at 128 characters: a 120-character id is echoed and
+    logged, recorded without an exemplar, and nothing else is lost."""
+    long_id = "r" * 120
+    app = PerfMonMiddleware(echo_request_id_app(), registry=registry)
+    async with client(app) as http:
+        response = await http.get("/id", headers={"X-Request-ID": long_id})
+
+    assert response.headers["x-request-id"] == long_id
+    assert {("GET", "/id", "200"): 1.0} == recorded_requests(registry)
+    assert set() == exemplar_ids(registry)
+    assert 0.0 == value(
+        registry, "http_server_active_requests", http_request_method="GET", http_route="/id"
+    )
