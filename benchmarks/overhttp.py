@@ -51,7 +51,7 @@ class Settings:
     connections: int
 
 
-FULL = Settings(rounds=5, seconds=5.0, warmup_seconds=2.0, connections=16)
+FULL = Settings(rounds=7, seconds=4.0, warmup_seconds=2.0, connections=16)
 SMOKE = Settings(rounds=1, seconds=1.0, warmup_seconds=0.0, connections=8)
 
 
@@ -242,31 +242,34 @@ def run(names: list[str], *, smoke: bool) -> dict[str, Any]:
     }
 
 
+def _paired(
+    results: list[dict[str, float]], base: list[dict[str, float]], key: str, *, ratio: bool
+) -> float | None:
+    """Median over rounds of variant/baseline (or variant - baseline) in the same round."""
+    pairs = [(r[key], b[key]) for r, b in zip(results, base, strict=False) if key in r and key in b]
+    if not pairs:
+        return None
+    return statistics.median(v / b if ratio else v - b for v, b in pairs)
+
+
 def _summary(samples: dict[str, list[dict[str, float]]], baseline: str) -> dict[str, Any]:
-    base_rps = statistics.median(r["requests_per_s"] for r in samples[baseline])
-    base_p99 = statistics.median(r["p99_ms"] for r in samples[baseline])
+    """Medians over rounds; ratios and CPU overheads paired round by round with the baseline,
+    so a slow patch of the machine moves both sides of each comparison."""
+    base = samples[baseline]
     summary = {}
     for name, results in samples.items():
-        rps = statistics.median(r["requests_per_s"] for r in results)
-        p99 = statistics.median(r["p99_ms"] for r in results)
         cpu = [r["server_cpu_us_per_request"] for r in results if "server_cpu_us_per_request" in r]
-        base_cpu = [
-            r["server_cpu_us_per_request"]
-            for r in samples[baseline]
-            if "server_cpu_us_per_request" in r
-        ]
+        rps_ratio = _paired(results, base, "requests_per_s", ratio=True)
+        p99_ratio = _paired(results, base, "p99_ms", ratio=True)
+        cpu_overhead = _paired(results, base, "server_cpu_us_per_request", ratio=False)
         summary[name] = {
-            "requests_per_s": round(rps, 1),
-            "server_cpu_us_per_request": round(statistics.median(cpu), 1) if cpu else None,
-            "server_cpu_overhead_us": (
-                round(statistics.median(cpu) - statistics.median(base_cpu), 1)
-                if cpu and base_cpu
-                else None
-            ),
-            "rps_ratio": round(rps / base_rps, 3),
-            "p99_ms": round(p99, 2),
-            "p99_ratio": round(p99 / base_p99, 3),
+            "requests_per_s": round(statistics.median(r["requests_per_s"] for r in results), 1),
+            "rps_ratio": round(rps_ratio or 0.0, 3),
             "p50_ms": round(statistics.median(r["p50_ms"] for r in results), 2),
+            "p99_ms": round(statistics.median(r["p99_ms"] for r in results), 2),
+            "p99_ratio": round(p99_ratio or 0.0, 3),
+            "server_cpu_us_per_request": round(statistics.median(cpu), 1) if cpu else None,
+            "server_cpu_overhead_us": None if cpu_overhead is None else round(cpu_overhead, 1),
             "errors": int(sum(r.get("errors", 0.0) for r in results)),
             "rounds": len(results),
         }

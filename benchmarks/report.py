@@ -97,7 +97,8 @@ def _http(section: dict[str, Any]) -> list[str]:
         f"{section['load_generator']}, {settings['connections']} connections, "
         f"{settings['rounds']} rounds of {settings['seconds']:g} s per variant "
         f"(interleaved), {section['route']}; uvicorn with {stack['loop']} and {stack['http']}, "
-        "access log off. Medians over rounds. Server CPU: the uvicorn process's user + system "
+        "access log off. Medians over rounds; ratios and overheads are medians of the "
+        "per-round comparisons with the bare app. Server CPU: the uvicorn process's user + system "
         "time per request (in brackets: over the bare app), less disturbed by other load on "
         "the machine than requests/s.",
         "",
