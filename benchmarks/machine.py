@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 PACKAGES = (
@@ -79,10 +80,28 @@ def wrk_version() -> str | None:
     return first[0].strip() if first else "unknown"
 
 
+def revision() -> str | None:
+    """The git commit measured, with ``+dirty`` if ``asgi_perfmon/`` has local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "asgi_perfmon"], cwd=root,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def describe() -> dict[str, Any]:
     """Everything above, with the time."""
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "revision": revision(),
         "cpu": cpu_model(),
         "cores": cores(),
         "os": f"{platform.system()} {platform.release()}",

@@ -26,7 +26,8 @@ def _machine(machine: dict[str, Any]) -> list[str]:
         f"- **Machine**: {machine['cpu']}, {machine['cores']} cores (`nproc`), {machine['os']}",
         f"- **Python**: {machine['python']}; wrk: {machine.get('wrk') or 'not installed'}",
         f"- **Packages**: {packages}",
-        f"- **Run**: {machine['date']}, {machine['mode']} mode, load average at start "
+        f"- **Run**: {machine['date']}, asgi-perfmon at {machine.get('revision') or 'unknown'}, "
+        f"{machine['mode']} mode, load average at start "
         f"{' / '.join(str(v) for v in load) or 'unknown'}",
         "",
     ]
