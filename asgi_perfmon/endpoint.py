@@ -58,14 +58,15 @@ class MetricsApp:
             )
         accept = request.headers.get("accept", "")
         names = request.query_params.getlist("name[]")
-        body, content_type = await anyio.to_thread.run_sync(self._render, accept, names)
+        body, content_type, gzipped = await anyio.to_thread.run_sync(
+            self._render, accept, names, self._gzip_accepted(request)
+        )
         headers = {
             "Content-Type": content_type,
             "Cache-Control": "no-store",
             "Vary": "Accept, Accept-Encoding",
         }
-        if self._gzip_wanted(request, body):
-            body = gzip.compress(body, compresslevel=6)
+        if gzipped:
             headers["Content-Encoding"] = "gzip"
         return Response(body, headers=headers)
 
@@ -75,18 +76,25 @@ class MetricsApp:
         given = request.headers.get("authorization", "").encode("latin-1", "replace")
         return hmac.compare_digest(given, self._expected_authorization)
 
-    def _gzip_wanted(self, request: Request, body: bytes) -> bool:
-        if self._disable_compression or len(body) < _MIN_GZIP_BYTES:
+    def _gzip_accepted(self, request: Request) -> bool:
+        if self._disable_compression:
             return False
         return "gzip" in request.headers.get("accept-encoding", "").lower()
 
-    def _render(self, accept: str, names: list[str]) -> tuple[bytes, str]:
-        """Collect and encode, off the event loop (collectors may be slow)."""
+    def _render(
+        self, accept: str, names: list[str], gzip_accepted: bool
+    ) -> tuple[bytes, str, bool]:
+        """Collect, encode and compress, off the event loop (collectors may be slow; zlib
+        releases the GIL while it compresses)."""
         registry = _scrape_registry(self._registry)
         if names:
             registry = registry.restricted_registry(names)  # type: ignore[assignment]
         encoder, content_type = choose_encoder(accept)
-        return encoder(registry), content_type
+        body = encoder(registry)
+        gzipped = gzip_accepted and len(body) >= _MIN_GZIP_BYTES
+        if gzipped:
+            body = gzip.compress(body, compresslevel=6)
+        return body, content_type, gzipped
 
 
 def _scrape_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
