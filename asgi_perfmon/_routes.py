@@ -78,6 +78,40 @@ class _Candidate:
             route, scope_type, regex, frozenset(methods) if methods else None, _template(route)
         )
 
+    @property
+    def first_segment(self) -> str | None:
+        """The literal first path segment every match must start with, or None: a parameter
+        there, or not a plain route (mounts, hosts and custom routes are always tried)."""
+        if self.scope_type is None or not self.template.startswith("/"):
+            return None
+        segment = self.template[1:].split("/", 1)[0]
+        return None if "{" in segment else segment
+
+
+class _Index:
+    """Candidates bucketed by their literal first path segment, so a large app is not
+    matched route by route. Every other candidate is in every bucket, and each bucket keeps
+    the routes' order, so the first match is the router's."""
+
+    def __init__(self, candidates: list[_Candidate]) -> None:
+        self._all = candidates
+        self._others = [c for c in candidates if c.first_segment is None]
+        buckets: dict[str, list[_Candidate]] = {}
+        for candidate in candidates:
+            segment = candidate.first_segment
+            if segment is not None:
+                buckets.setdefault(segment, []).append(candidate)
+        order = {id(candidate): index for index, candidate in enumerate(candidates)}
+        self._buckets = {
+            segment: sorted(bucket + self._others, key=lambda c: order[id(c)])
+            for segment, bucket in buckets.items()
+        }
+
+    def for_path(self, path: str) -> list[_Candidate]:
+        if not path.startswith("/"):
+            return self._all
+        return self._buckets.get(path[1:].split("/", 1)[0], self._others)
+
 
 def _original(route: Any) -> Any:
     return getattr(route, "original_route", route)
@@ -98,7 +132,7 @@ class RouteResolver:
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self._cache_size = cache_size
         self._cache: dict[tuple[Any, ...], str] = {}
-        self._flattened: dict[int, tuple[Sequence[Any], int, list[_Candidate]]] = {}
+        self._flattened: dict[int, tuple[Sequence[Any], int, _Index]] = {}
         self._failures = FailureLog()
         self._host_routes = False  # whether the Host header can change the answer
 
@@ -146,7 +180,7 @@ class RouteResolver:
     ) -> tuple[str | None, Match]:
         partial: str | None = None
         path = _router_path(scope)
-        for candidate in self._candidates(routes):
+        for candidate in self._candidates(routes).for_path(path):
             if candidate.scope_type is not None:
                 if candidate.scope_type != scope["type"] or not candidate.regex.match(path):
                     continue
@@ -178,7 +212,7 @@ class RouteResolver:
             return mount_prefix + "/{path}", Match.FULL
         return self._match(sub_routes, scope, mount_prefix)
 
-    def _candidates(self, routes: Sequence[Any]) -> list[_Candidate]:
+    def _candidates(self, routes: Sequence[Any]) -> _Index:
         """``routes`` with FastAPI's included routers flattened, cached per routes list."""
         cached = self._flattened.get(id(routes))
         if cached is not None and cached[0] is routes and cached[1] == len(routes):
@@ -186,8 +220,9 @@ class RouteResolver:
         flat = [_Candidate.of(route) for route in _flatten(routes)]
         if any(isinstance(_original(candidate.route), Host) for candidate in flat):
             self._host_routes = True
-        self._flattened[id(routes)] = (routes, len(routes), flat)
-        return flat
+        index = _Index(flat)
+        self._flattened[id(routes)] = (routes, len(routes), index)
+        return index
 
 
 def _flatten(routes: Sequence[BaseRoute]) -> Iterable[Any]:

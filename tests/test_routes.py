@@ -283,3 +283,25 @@ async def test_route_that_raises_in_matches_never_breaks_the_request(
 
     assert response.status_code == 200
     assert {("GET", UNMATCHED, "200"): 1.0} == recorded_requests(registry)
+
+
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        ("/users/list", "/{kind}/list"),  # the earlier parametrized route wins, as in the router
+        ("/users/7", "/users/{user_id}"),
+        ("/route150/x", "/route150/{item}"),
+        ("/nowhere/x", UNMATCHED),
+    ],
+)
+async def test_route_order_is_kept_in_a_large_app(
+    registry: CollectorRegistry, path: str, template: str
+) -> None:
+    """With 200 routes indexed by first segment, the first matching route still wins."""
+    routes = [Route("/{kind}/list", text), Route("/users/list", text)]
+    routes += [Route(f"/route{n}/{{item}}", text) for n in range(200)]
+    routes += [Route("/users/{user_id}", text)]
+    app = Starlette(routes=routes)
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    assert template == (await route_of(app, registry, "GET", path))[0]
