@@ -29,6 +29,22 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if result is None else result
 
 
+REQUEST_THEN_DISCONNECT = [
+    {"type": "http.request", "body": b"", "more_body": False},
+    {"type": "http.disconnect"},
+]
+
+
+def aborted(registry: CollectorRegistry, reason: str, route: str = "__unmatched__") -> float:
+    labels = {"http_request_method": "GET", "http_route": route, "reason": reason}
+    return value(registry, "http_server_aborted_requests_total", **labels)
+
+
+def exceptions(registry: CollectorRegistry, error_type: str, route: str = "__unmatched__") -> float:
+    labels = {"http_request_method": "GET", "http_route": route, "error_type": error_type}
+    return value(registry, "http_server_exceptions_total", **labels)
+
+
 def http_scope(
     path: str = "/", method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None
 ) -> Scope:
@@ -245,13 +261,7 @@ async def test_handler_exception_counts_once_and_propagates(registry: CollectorR
             await http.get("/boom")
 
     assert {("GET", "/boom", "500"): 1.0} == recorded_requests(registry)
-    assert 1.0 == value(
-        registry,
-        "http_server_exceptions_total",
-        http_request_method="GET",
-        http_route="/boom",
-        error_type="ValueError",
-    )
+    assert 1.0 == exceptions(registry, "ValueError", route="/boom")
     assert [] == [s for s in samples(registry, "http_server_aborted_requests_total") if s[1]]
 
 
@@ -266,13 +276,7 @@ async def test_middleware_outside_the_error_middleware_counts_once(
 
     assert response.status_code == 500
     assert {("GET", "/boom", "500"): 1.0} == recorded_requests(registry)
-    assert 1.0 == value(
-        registry,
-        "http_server_exceptions_total",
-        http_request_method="GET",
-        http_route="/boom",
-        error_type="ValueError",
-    )
+    assert 1.0 == exceptions(registry, "ValueError", route="/boom")
 
 
 async def test_exception_after_response_started(registry: CollectorRegistry) -> None:
@@ -287,20 +291,8 @@ async def test_exception_after_response_started(registry: CollectorRegistry) -> 
         await drive(PerfMonMiddleware(app, registry=registry), http_scope("/x"))
 
     assert {("GET", "__unmatched__", "200"): 1.0} == recorded_requests(registry)
-    assert 1.0 == value(
-        registry,
-        "http_server_aborted_requests_total",
-        http_request_method="GET",
-        http_route="__unmatched__",
-        reason="error_mid_stream",
-    )
-    assert 1.0 == value(
-        registry,
-        "http_server_exceptions_total",
-        http_request_method="GET",
-        http_route="__unmatched__",
-        error_type="RuntimeError",
-    )
+    assert 1.0 == aborted(registry, "error_mid_stream")
+    assert 1.0 == exceptions(registry, "RuntimeError", route="__unmatched__")
 
 
 async def test_disconnect_before_any_response_is_499(registry: CollectorRegistry) -> None:
@@ -310,20 +302,11 @@ async def test_disconnect_before_any_response_is_499(registry: CollectorRegistry
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    incoming = [
-        {"type": "http.request", "body": b"", "more_body": False},
-        {"type": "http.disconnect"},
-    ]
+    incoming = REQUEST_THEN_DISCONNECT
     await drive(PerfMonMiddleware(app, registry=registry), http_scope("/slow"), incoming)
 
     assert {("GET", "__unmatched__", "499"): 1.0} == recorded_requests(registry)
-    assert 1.0 == value(
-        registry,
-        "http_server_aborted_requests_total",
-        http_request_method="GET",
-        http_route="__unmatched__",
-        reason="client_disconnect",
-    )
+    assert 1.0 == aborted(registry, "client_disconnect")
 
 
 async def test_disconnect_mid_stream(registry: CollectorRegistry) -> None:
@@ -335,20 +318,11 @@ async def test_disconnect_mid_stream(registry: CollectorRegistry) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    incoming = [
-        {"type": "http.request", "body": b"", "more_body": False},
-        {"type": "http.disconnect"},
-    ]
+    incoming = REQUEST_THEN_DISCONNECT
     await drive(PerfMonMiddleware(app, registry=registry), http_scope("/stream"), incoming)
 
     assert {("GET", "__unmatched__", "200"): 1.0} == recorded_requests(registry)
-    assert 1.0 == value(
-        registry,
-        "http_server_aborted_requests_total",
-        http_request_method="GET",
-        http_route="__unmatched__",
-        reason="client_disconnect",
-    )
+    assert 1.0 == aborted(registry, "client_disconnect")
     assert [] == [s for s in samples(registry, "http_server_exceptions_total") if s[1]]
 
 
@@ -361,10 +335,7 @@ async def test_disconnect_after_the_response_is_not_an_abort(registry: Collector
         await receive()
         await receive()
 
-    incoming = [
-        {"type": "http.request", "body": b"", "more_body": False},
-        {"type": "http.disconnect"},
-    ]
+    incoming = REQUEST_THEN_DISCONNECT
     await drive(PerfMonMiddleware(app, registry=registry), http_scope("/done"), incoming)
 
     assert {("GET", "__unmatched__", "204"): 1.0} == recorded_requests(registry)
