@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hmac
 from typing import Any
 
 import pytest
@@ -173,3 +174,77 @@ async def test_scrape_is_rendered_off_the_event_loop(
 
     assert threads
     assert threading.main_thread().name not in threads
+
+
+# --- the token: every refusal looks the same, and takes the same time ---------------------
+
+TOKEN = "s3cret-token-0123456789"
+REFUSED_AUTHORIZATIONS: dict[str, bytes | None] = {
+    "missing": None,
+    "empty": b"",
+    "wrong": b"Bearer nope",
+    "wrong scheme": f"Basic {TOKEN}".encode(),
+    "no scheme": TOKEN.encode(),
+    "prefix of the token": f"Bearer {TOKEN[:-1]}".encode(),
+    "token plus one": f"Bearer {TOKEN}x".encode(),
+    "lower-case scheme": f"bearer {TOKEN}".encode(),
+    "64 kB": b"Bearer " + b"a" * 65536,
+    "non-ASCII": "Bearer sécrét-tökén".encode(),
+    "invalid UTF-8": b"Bearer \xff\xfe\x80",
+}
+
+
+async def test_every_refused_token_gets_the_same_401(registry: CollectorRegistry) -> None:
+    """Missing, wrong, too long, non-ASCII or nearly right: byte-identical 401 responses, so
+    a refusal tells nothing about what was wrong (not even whether the scheme was right)."""
+    app = metrics_app(registry, token=TOKEN)  # no middleware: its request id differs per call
+    responses = {}
+    async with client(app) as http:
+        for case, authorization in REFUSED_AUTHORIZATIONS.items():
+            headers = {} if authorization is None else {"Authorization": authorization}
+            responses[case] = await http.get("/metrics", headers=headers)
+        accepted = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    seen = {(r.status_code, tuple(r.headers.raw), r.content) for r in responses.values()}
+    assert len(seen) == 1, {case: r.headers.raw for case, r in responses.items()}
+    status, _, body = seen.pop()
+    assert (status, body) == (401, b"Unauthorized")
+    assert accepted.status_code == 200
+
+
+async def test_a_non_ascii_token_is_accepted_as_utf8(registry: CollectorRegistry) -> None:
+    async with client(metrics_app(registry, token="sécrét")) as http:
+        right = await http.get("/metrics", headers={"Authorization": "Bearer sécrét".encode()})
+        latin1 = await http.get(
+            "/metrics", headers={"Authorization": "Bearer sécrét".encode("latin-1")}
+        )
+
+    assert (right.status_code, latin1.status_code) == (200, 401)
+
+
+async def test_the_token_comparison_never_depends_on_lengths(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compare_digest`` returns early on a length mismatch; the endpoint only ever hands it
+    two 32-byte digests, whatever the length of the token and of the header."""
+    compared: list[tuple[int, int]] = []
+    real_compare = hmac.compare_digest
+
+    def recording_compare(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording_compare)
+    long_token = TOKEN * 40
+    sent = [value for value in REFUSED_AUTHORIZATIONS.values() if value is not None]
+    sent.append(f"Bearer {long_token}".encode())
+    async with client(metrics_app(registry, token=long_token)) as http:
+        statuses = [
+            (await http.get("/metrics", headers={"Authorization": value})).status_code
+            for value in sent
+        ]
+        statuses.append((await http.get("/metrics")).status_code)
+
+    assert statuses == [401] * (len(sent) - 1) + [200, 401]
+    assert len(compared) == len(sent) + 1  # every request compared, once
+    assert set(compared) == {(32, 32)}
