@@ -150,34 +150,25 @@ class RouteResolver:
         return template
 
     def _resolve_uncached(self, routes: Sequence[Any], scope: Scope) -> str:
-        probe = {
-            "type": scope["type"],
-            "path": scope["path"],
-            "root_path": scope.get("root_path", ""),
-            "method": scope.get("method", "GET"),
-            "headers": scope.get("headers", []),
-            "app_root_path": scope.get("app_root_path", scope.get("root_path", "")),
-        }
         try:
-            template, match = self._match(routes, probe, "")
+            template, match = self._match(routes, scope, "")
             if match is Match.NONE and scope["type"] == "http":
-                template = self._slash_redirect_target(routes, probe)
+                template = self._slash_redirect_target(routes, scope)
         except Exception as error:  # a custom route whose matches() raises
             self._failures.record("route_resolution", error)
             return UNMATCHED
         return template or UNMATCHED
 
-    def _slash_redirect_target(self, routes: Sequence[Any], probe: dict[str, Any]) -> str | None:
-        path = probe["path"]
-        if route_path(probe) == "/":
+    def _slash_redirect_target(self, routes: Sequence[Any], scope: Scope) -> str | None:
+        path = scope["path"]
+        if route_path(scope) == "/":
             return None
         toggled = path[:-1] if path.endswith("/") else path + "/"
-        template, _ = self._match(routes, {**probe, "path": toggled}, "")
+        template, _ = self._match(routes, {**scope, "path": toggled}, "")
         return template
 
-    def _match(
-        self, routes: Sequence[Any], scope: dict[str, Any], prefix: str
-    ) -> tuple[str | None, Match]:
+    def _match(self, routes: Sequence[Any], scope: Scope, prefix: str) -> tuple[str | None, Match]:
+        """The first route matching ``scope``; ``route.matches()`` only reads the scope."""
         partial: str | None = None
         path = _router_path(scope)
         for candidate in self._candidates(routes).for_path(path):
@@ -203,7 +194,7 @@ class RouteResolver:
         return None, Match.NONE
 
     def _match_mounted(
-        self, route: Any, sub_routes: Sequence[Any], scope: dict[str, Any], prefix: str
+        self, route: Any, sub_routes: Sequence[Any], scope: Scope, prefix: str
     ) -> tuple[str | None, Match]:
         if isinstance(_original(route), Host):
             return self._match(sub_routes, scope, prefix)
