@@ -45,7 +45,7 @@ def validate_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
 
 
 class RouteSeries:
-    """The labelled children for one (method, route) pair, fetched once and reused."""
+    """The labelled children for one (method, route, custom labels), fetched once and reused."""
 
     __slots__ = (
         "_by_status",
@@ -53,6 +53,7 @@ class RouteSeries:
         "aborted",
         "active",
         "exceptions",
+        "labels",
         "method",
         "next_exemplar_at",
         "request_size",
@@ -62,14 +63,18 @@ class RouteSeries:
         "time_to_first_byte",
     )
 
-    def __init__(self, metrics: HttpMetrics, method: str, route: str) -> None:
+    def __init__(
+        self, metrics: HttpMetrics, method: str, route: str, custom: tuple[str, ...] = ()
+    ) -> None:
         self.method = method
         self.route = route
-        self.active: Any = metrics.active.labels(method, route)
-        self.time_to_first_byte: Any = metrics.time_to_first_byte.labels(method, route)
-        self.request_size: Any = metrics.request_size.labels(method, route)
-        self.response_size: Any = metrics.response_size.labels(method, route)
-        self.slow: Any = metrics.slow.labels(method, route)
+        self.labels = (method, route, *custom)
+        """The label values every family of the request starts with."""
+        self.active: Any = metrics.active.labels(*self.labels)
+        self.time_to_first_byte: Any = metrics.time_to_first_byte.labels(*self.labels)
+        self.request_size: Any = metrics.request_size.labels(*self.labels)
+        self.response_size: Any = metrics.response_size.labels(*self.labels)
+        self.slow: Any = metrics.slow.labels(*self.labels)
         self.aborted = metrics.aborted
         self.exceptions = metrics.exceptions
         self._duration = metrics.duration
@@ -80,10 +85,30 @@ class RouteSeries:
         """The duration histogram child for ``status``."""
         child = self._by_status.get(status)
         if child is None:
-            child = self._duration.labels(self.method, self.route, str(status))
+            child = self._duration.labels(*self.labels, str(status))
             if 100 <= status <= 599:
                 self._by_status[status] = child
         return child
+
+    def record(
+        self,
+        status: int,
+        duration: float,
+        time_to_first_byte: float,
+        received: int,
+        sent: int,
+        exemplar: dict[str, str] | None,
+    ) -> None:
+        """Record one finished request (and take it out of the active gauge)."""
+        child = self._by_status.get(status) or self.duration(status)
+        if exemplar is None:
+            child.observe(duration)
+        else:
+            child.observe(duration, exemplar)
+        self.time_to_first_byte.observe(time_to_first_byte)
+        self.request_size.observe(received)
+        self.response_size.observe(sent)
+        self.active.dec()
 
 
 class WebSocketSeries:
@@ -109,9 +134,12 @@ class HttpMetrics:
         buckets: tuple[float, ...],
         max_label_values: int,
         version: str,
+        custom_labels: tuple[str, ...] = (),
     ) -> None:
         self.buckets = buckets
         self.max_label_values = max_label_values
+        self.custom_labels = custom_labels
+        request = [*_HTTP, *custom_labels]
         families = BoundedFamilies(
             registry,
             namespace,
@@ -121,42 +149,42 @@ class HttpMetrics:
         self.duration = families.histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, until the last response byte was sent.",
-            [*_HTTP, "http_response_status_code"],
+            [*request, "http_response_status_code"],
             buckets,
         )
         self.active = families.gauge(
-            "http_server_active_requests", "Number of HTTP requests in flight.", _HTTP
+            "http_server_active_requests", "Number of HTTP requests in flight.", request
         )
         self.time_to_first_byte = families.histogram(
             "http_server_time_to_first_byte_seconds",
             "Time until the first response body byte was sent.",
-            _HTTP,
+            request,
             buckets,
         )
         self.request_size = families.histogram(
             "http_server_request_body_size_bytes",
             "Size of HTTP request bodies, counted from the bytes received.",
-            _HTTP,
+            request,
             SIZE_BUCKETS,
         )
         self.response_size = families.histogram(
             "http_server_response_body_size_bytes",
             "Size of HTTP response bodies, counted from the bytes sent.",
-            _HTTP,
+            request,
             SIZE_BUCKETS,
         )
         self.slow = families.counter(
-            "http_server_slow_requests", "Requests at or over the slow-request threshold.", _HTTP
+            "http_server_slow_requests", "Requests at or over the slow-request threshold.", request
         )
         self.exceptions = families.counter(
             "http_server_exceptions",
             "Exceptions raised through the middleware, by type.",
-            [*_HTTP, "error_type"],
+            [*request, "error_type"],
         )
         self.aborted = families.counter(
             "http_server_aborted_requests",
             "Requests whose response was not completed: the client left or the app failed.",
-            [*_HTTP, "reason"],
+            [*request, "reason"],
         )
         self.ws_active = families.gauge(
             "websocket_server_active_connections", "Open websocket connections.", ["http_route"]
@@ -180,16 +208,17 @@ class HttpMetrics:
             multiprocess_mode="max",
         )
         info.labels(version).set(1)
-        self._series: dict[tuple[str, str], RouteSeries] = {}
+        self._series: dict[tuple[str, str, tuple[str, ...]], RouteSeries] = {}
         self._ws_series: dict[str, WebSocketSeries] = {}
 
-    def series(self, method: str, route: str) -> RouteSeries:
-        """The children for ``method`` and ``route``, cached."""
-        series = self._series.get((method, route))
+    def series(self, method: str, route: str, custom: tuple[str, ...] = ()) -> RouteSeries:
+        """The children for ``method``, ``route`` and the custom label values, cached."""
+        key = (method, route, custom)
+        series = self._series.get(key)
         if series is None:
-            series = RouteSeries(self, method, route)
+            series = RouteSeries(self, method, route, custom)
             if len(self._series) < _MAX_CACHED_SERIES:
-                self._series[(method, route)] = series
+                self._series[key] = series
         return series
 
     def websocket_series(self, route: str) -> WebSocketSeries:
@@ -209,6 +238,7 @@ def http_metrics(
     buckets: tuple[float, ...],
     max_label_values: int,
     version: str,
+    custom_labels: tuple[str, ...] = (),
 ) -> HttpMetrics:
     """The middleware's metrics in ``registry``, created on first use and shared after."""
     return shared_matching(
@@ -220,12 +250,16 @@ def http_metrics(
             buckets=buckets,
             max_label_values=max_label_values,
             version=version,
+            custom_labels=custom_labels,
         ),
         matches=lambda metrics: (
-            metrics.buckets == buckets and metrics.max_label_values == max_label_values
+            metrics.buckets == buckets
+            and metrics.max_label_values == max_label_values
+            and metrics.custom_labels == custom_labels
         ),
         conflict=(
-            "This registry already holds the asgi-perfmon HTTP metrics with other buckets or "
-            "another label cap; pass the same options, or a separate registry or namespace."
+            "This registry already holds the asgi-perfmon HTTP metrics with other buckets, "
+            "another label cap or other custom labels; pass the same options, or a separate "
+            "registry or namespace."
         ),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -16,6 +16,12 @@ from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, validate_max_label_va
 from asgi_perfmon._logging import FailureLog, log_safely
 from asgi_perfmon._registry import resolve_namespace, resolve_registry
 from asgi_perfmon._request_id import header_value, request_id_from
+from asgi_perfmon._request_labels import (
+    ExemplarLabeller,
+    ExemplarLabels,
+    LabelValue,
+    RequestLabels,
+)
 from asgi_perfmon._routes import RouteResolver, route_path
 from asgi_perfmon._types import ASGIApp, Message, Receive, Scope, Send
 from asgi_perfmon._version import __version__
@@ -23,10 +29,11 @@ from asgi_perfmon.context import RequestContext, _current
 from asgi_perfmon.loop_monitor import LoopMonitor
 from asgi_perfmon.metrics import (
     DEFAULT_BUCKETS,
+    OTHER_METHOD,
+    STANDARD_METHODS,
     HttpMetrics,
     RouteSeries,
     http_metrics,
-    normalize_method,
     validate_buckets,
 )
 
@@ -37,8 +44,6 @@ EXEMPLAR_INTERVAL = 1.0
 One a second per series is plenty for a scrape every few seconds, and keeps the cost of
 building exemplars off most requests.
 """
-MAX_EXEMPLAR_ID = 100
-"""OpenMetrics limits an exemplar's labels to 128 characters, names included."""
 MAX_LOGGED_PATH = 512
 
 
@@ -52,6 +57,7 @@ class _Exchange:
         "finished",
         "first_byte_at",
         "received",
+        "scope",
         "sent",
         "series",
         "start",
@@ -59,7 +65,10 @@ class _Exchange:
         "trailers",
     )
 
-    def __init__(self, series: RouteSeries, context: RequestContext, start: float) -> None:
+    def __init__(
+        self, scope: Scope, series: RouteSeries, context: RequestContext, start: float
+    ) -> None:
+        self.scope = scope
         self.series = series
         self.context = context
         self.start = start
@@ -92,6 +101,8 @@ class PerfMonMiddleware:
         request_id_header: str = "X-Request-ID",
         max_label_values: int | None = None,
         exemplars: bool = True,
+        labels: Mapping[str, LabelValue] | None = None,
+        exemplar_labels: ExemplarLabels | None = None,
         loop_monitor: LoopMonitor | bool = True,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -100,6 +111,8 @@ class PerfMonMiddleware:
         self._excluded = _exclusions(exclude_paths)
         self._id_header = _header_name(request_id_header)
         self._exemplars = exemplars and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        self._custom_labels = RequestLabels(labels)
+        self._exemplar_labels = ExemplarLabeller(exemplar_labels)
         self._clock = clock
         self._routes = RouteResolver()
         self._log_request_id = _structlog_variable("request_id")
@@ -111,6 +124,7 @@ class PerfMonMiddleware:
             buckets=validate_buckets(buckets),
             max_label_values=_label_cap(max_label_values),
             version=__version__,
+            custom_labels=self._custom_labels.names,
         )
         self._failures = FailureLog()
         self._loop_monitor = _loop_monitor(loop_monitor, registry, namespace)
@@ -134,6 +148,8 @@ class PerfMonMiddleware:
             await self.app(scope, receive, send)
             return
         clock = self._clock
+        id_header = self._id_header
+        request_id = exchange.context.request_id
 
         async def receive_wrapper() -> Message:
             message = await receive()
@@ -148,7 +164,10 @@ class PerfMonMiddleware:
             if kind == "http.response.start":
                 exchange.status = message["status"]
                 exchange.trailers = message.get("trailers", False)
-                message = self._with_request_id(message, exchange.context.request_id)
+                headers = message.get("headers", ())
+                if header_value(headers, id_header) is None:
+                    # A new list: the app may reuse the one it sent (a Response sent twice).
+                    message["headers"] = [*headers, (id_header, request_id.encode("ascii"))]
             try:
                 await send(message)
             except OSError:
@@ -156,12 +175,14 @@ class PerfMonMiddleware:
                 raise
             if kind == "http.response.body":
                 body_length = len(message.get("body", b""))
-                if body_length:
+                done = not message.get("more_body", False) and not exchange.trailers
+                if body_length or done:
+                    now = clock()
                     exchange.sent += body_length
-                    if exchange.first_byte_at is None:
-                        exchange.first_byte_at = clock()
-                if not message.get("more_body", False) and not exchange.trailers:
-                    exchange.done_at = clock()
+                    if body_length and exchange.first_byte_at is None:
+                        exchange.first_byte_at = now
+                    if done:
+                        exchange.done_at = now
             elif kind == "http.response.trailers" and not message.get("more_trailers", False):
                 exchange.done_at = clock()
             elif kind == "http.response.pathsend":
@@ -171,7 +192,7 @@ class PerfMonMiddleware:
                 self._finish(exchange, error=None)
 
         context_token = _current.set(exchange.context)
-        log_token = self._log_request_id.set(exchange.context.request_id)
+        log_token = self._log_request_id.set(request_id)
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as error:
@@ -184,14 +205,18 @@ class PerfMonMiddleware:
             _current.reset(context_token)
 
     def _begin(self, scope: Scope) -> _Exchange:
-        method = normalize_method(scope["method"])
+        method = scope["method"]
+        if method not in STANDARD_METHODS:
+            method = OTHER_METHOD
         route = self._routes.resolve(self._routes_of(scope), scope)
-        headers = scope.get("headers", [])
-        request_id = request_id_from(header_value(headers, self._id_header))
-        series = self._metrics.series(method, route)
+        request_id = request_id_from(header_value(scope.get("headers", ()), self._id_header))
+        if self._custom_labels.names:
+            series = self._metrics.series(method, route, self._custom_labels.values(scope))
+        else:
+            series = self._metrics.series(method, route)
         series.active.inc()
         context = RequestContext(request_id, method, route, scope["path"])
-        return _Exchange(series, context, self._clock())
+        return _Exchange(scope, series, context, self._clock())
 
     def _routes_of(self, scope: Scope) -> Sequence[Any] | None:
         """The top-level routes: those of the app that added this middleware, if any."""
@@ -202,61 +227,44 @@ class PerfMonMiddleware:
         routes = getattr(self._router, "routes", None)
         return routes if isinstance(routes, (list, tuple)) else None
 
-    def _with_request_id(self, message: Message, request_id: str) -> Message:
-        headers = message.get("headers", ())
-        if header_value(headers, self._id_header) is None:
-            # A new list: the app may reuse the one it sent (a Response sent twice).
-            message["headers"] = [*headers, (self._id_header, request_id.encode("ascii"))]
-        return message
-
     def _fail(self, exchange: _Exchange, error: BaseException) -> None:
         if not _caused_by_client(exchange, error):
             try:
                 series = exchange.series
-                error_type = type(error).__name__
-                series.exceptions.labels(series.method, series.route, error_type).inc()
+                series.exceptions.labels(*series.labels, type(error).__name__).inc()
             except Exception as failure:
                 self._log_failure("exception", failure)
         self._finish(exchange, error=error)
 
     def _finish(self, exchange: _Exchange, *, error: BaseException | None) -> None:
+        """Record the request once: when its last byte is sent, or when the app returns."""
         if exchange.finished:
             return
         exchange.finished = True
         try:
-            self._record(exchange, error)
+            series = exchange.series
+            end = exchange.done_at if exchange.done_at is not None else self._clock()
+            start = exchange.start
+            duration = end - start if end > start else 0.0
+            status = exchange.status or _status_without_response(exchange, error)
+            if exchange.done_at is None:
+                reason = _abort_reason(exchange, error)
+                if reason is not None:
+                    series.aborted.labels(*series.labels, reason).inc()
+            first_byte_at = exchange.first_byte_at if exchange.first_byte_at is not None else end
+            slow = duration >= self._slow_threshold
+            exemplar = None
+            if self._exemplars and (slow or end >= series.next_exemplar_at):
+                exemplar = self._exemplar_labels.labels(exchange.scope, exchange.context.request_id)
+                if exemplar is not None:
+                    series.next_exemplar_at = end + EXEMPLAR_INTERVAL
+            ttfb = first_byte_at - start if first_byte_at > start else 0.0
+            series.record(status, duration, ttfb, exchange.received, exchange.sent, exemplar)
+            if slow:
+                series.slow.inc()
+                self._log_slow_request(exchange, status, duration)
         except Exception as failure:
             self._log_failure("record", failure)
-
-    def _record(self, exchange: _Exchange, error: BaseException | None) -> None:
-        series = exchange.series
-        end = exchange.done_at if exchange.done_at is not None else self._clock()
-        duration = max(end - exchange.start, 0.0)
-        status = exchange.status or _status_without_response(exchange, error)
-        if exchange.done_at is None:
-            reason = _abort_reason(exchange, error)
-            if reason is not None:
-                series.aborted.labels(series.method, series.route, reason).inc()
-        first_byte_at = exchange.first_byte_at if exchange.first_byte_at is not None else end
-        histogram = series.duration(status)
-        slow = duration >= self._slow_threshold
-        request_id = exchange.context.request_id
-        if (
-            self._exemplars
-            and (slow or end >= series.next_exemplar_at)
-            and len(request_id) <= MAX_EXEMPLAR_ID
-        ):
-            series.next_exemplar_at = end + EXEMPLAR_INTERVAL
-            histogram.observe(duration, {"request_id": request_id})
-        else:
-            histogram.observe(duration)
-        series.time_to_first_byte.observe(max(first_byte_at - exchange.start, 0.0))
-        series.request_size.observe(exchange.received)
-        series.response_size.observe(exchange.sent)
-        series.active.dec()
-        if slow:
-            series.slow.inc()
-            self._log_slow_request(exchange, status, duration)
 
     def _log_slow_request(self, exchange: _Exchange, status: int, duration: float) -> None:
         context = exchange.context
