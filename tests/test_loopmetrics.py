@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
-from asgi_perfmon._loopmetrics import LoopFamily
+from asgi_perfmon._loopmetrics import HistogramChild, LoopFamily
 
 
 def test_histogram_exposition_matches_prometheus_client() -> None:
@@ -46,3 +49,47 @@ def test_duplicate_names_are_refused_like_prometheus_client() -> None:
 
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         LoopFamily(registry, "gauge", "dup", "Dup.", [])
+
+
+label_names = st.lists(
+    st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True).filter(lambda n: n != "le"),
+    max_size=4,
+    unique=True,
+)
+label_values = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+observations = st.lists(
+    st.floats(min_value=0, max_value=1e4, allow_nan=False) | st.sampled_from([0.1, 0.5, 1.0]),
+    max_size=8,
+)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(
+    kind=st.sampled_from(["histogram", "counter", "gauge"]),
+    names=label_names,
+    data=st.data(),
+    openmetrics=st.booleans(),
+)
+def test_own_exposition_is_byte_for_byte_prometheus_clients(
+    kind: str, names: list[str], data: st.DataObject, openmetrics: bool
+) -> None:
+    """What the endpoint renders on the loop equals prometheus-client's encoders' output."""
+    registry = CollectorRegistry()
+    family = LoopFamily(registry, kind, "fam", 'Doc with "quotes" \\ and\nnewline.', names,
+                        (0.1, 0.5, 1.0, 2.5))  # fmt: skip
+    for _ in range(data.draw(st.integers(0, 4))):
+        values = tuple(data.draw(label_values) for _ in names)
+        child = family.labels(*values)
+        if isinstance(child, HistogramChild):
+            for value in data.draw(observations):
+                exemplar = data.draw(st.none() | st.fixed_dictionaries({"trace": label_values}))
+                child.observe(value, exemplar)
+            child.counts[-1] += data.draw(st.sampled_from([0, 999_999, 1_000_000, 12_345_678]))
+        else:
+            child.inc(data.draw(st.floats(-1e9, 1e9, allow_nan=False) | st.integers(0, 10**7)))
+
+    ours = "".join(family.exposition(openmetrics=openmetrics, chunk_size=2))
+    if openmetrics:
+        assert openmetrics_latest(registry).decode() == ours + "# EOF\n"
+    else:
+        assert generate_latest(registry).decode() == ours
