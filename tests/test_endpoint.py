@@ -201,7 +201,7 @@ async def test_every_refused_token_gets_the_same_401(registry: CollectorRegistry
     responses = {}
     async with client(app) as http:
         for case, authorization in REFUSED_AUTHORIZATIONS.items():
-            headers = {} if authorization is None else {"Authorization": authorization}
+            headers = {} if authorization is None else {b"authorization": authorization}
             responses[case] = await http.get("/metrics", headers=headers)
         accepted = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
 
@@ -214,9 +214,9 @@ async def test_every_refused_token_gets_the_same_401(registry: CollectorRegistry
 
 async def test_a_non_ascii_token_is_accepted_as_utf8(registry: CollectorRegistry) -> None:
     async with client(metrics_app(registry, token="sécrét")) as http:
-        right = await http.get("/metrics", headers={"Authorization": "Bearer sécrét".encode()})
+        right = await http.get("/metrics", headers={b"authorization": "Bearer sécrét".encode()})
         latin1 = await http.get(
-            "/metrics", headers={"Authorization": "Bearer sécrét".encode("latin-1")}
+            "/metrics", headers={b"authorization": "Bearer sécrét".encode("latin-1")}
         )
 
     assert (right.status_code, latin1.status_code) == (200, 401)
@@ -240,7 +240,7 @@ async def test_the_token_comparison_never_depends_on_lengths(
     sent.append(f"Bearer {long_token}".encode())
     async with client(metrics_app(registry, token=long_token)) as http:
         statuses = [
-            (await http.get("/metrics", headers={"Authorization": value})).status_code
+            (await http.get("/metrics", headers={b"authorization": value})).status_code
             for value in sent
         ]
         statuses.append((await http.get("/metrics")).status_code)

@@ -7,11 +7,12 @@ files, and the database stopped and restarted under load.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from starlette.routing import Route
 from asgi_perfmon import PerfMonMiddleware, metrics_app
 from asgi_perfmon._logging import MAX_FAILURE_KINDS, FailureLog
 from tests._helpers import client
+from tests._postgres import PostgresCluster
 from tests._uvicorn import RunningServer, start_uvicorn
 
 APP = "tests.apps.faults_app:app"
@@ -111,7 +113,7 @@ def app_with(registry: CollectorRegistry, *collectors: Any) -> Starlette:
     return app
 
 
-def collector_failures(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def collector_failures(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return [
         (log["collector"], log["error_type"])
         for log in logs
@@ -238,10 +240,13 @@ def test_multiprocess_scrape_skips_unreadable_files(tmp_path: Path) -> None:
         scrapes += [httpx.get(f"{server.url}/metrics", timeout=10) for _ in range(2)]
         last = parse(scrapes[-1].text)
         logged = failure_lines(server)
+        count = "http_server_request_duration_seconds_count"
+        filtered = httpx.get(f"{server.url}/metrics", params={"name[]": count}, timeout=10)
 
     assert [scrape.status_code for scrape in scrapes] == [200, 200, 200]
     plain = {"http_request_method": "GET", "http_route": "/plain"}
     assert total(last, "http_server_request_duration_seconds_count", **plain) == 5
+    assert {name for name, _ in parse(filtered.text)} == {count}  # the filter works here too
     # Two bad files per scrape, counted before the readable files are merged.
     assert value(last, SCRAPE_ERRORS, collector="MultiProcessCollector") == 6
     kinds = [(line["collector"], line["error_type"]) for line in logged]
@@ -323,3 +328,147 @@ def test_a_log_sink_that_raises_never_reaches_the_app() -> None:
     assert total(scrape, "faults_app_log_calls_total", event="label_overflow") >= 1
     assert "Traceback" not in log, log
     assert "Exception in" not in log, log
+
+
+# --- the database stopped and restarted under load ----------------------------------------
+
+LIBRARY_FAILURES = {
+    "instrumentation_failed",
+    "collector_failed",
+    "query_recording_failed",
+    "query_logger_failed",
+    "failure_log_full",
+}
+
+
+class Load:
+    """Concurrent clients alternating ``/db`` and ``/plain``, and a scraper, recording
+    ``(phase, path, status)`` for every answer (status 0: no answer at all). A request in
+    flight while the phase changed is recorded in phase ``"changing"``."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.phase = "before"
+        self.answers: list[tuple[str, str, int]] = []
+        self._running = True
+
+    def count(self, path: str, status: int | None = None, phase: str | None = None) -> int:
+        return sum(
+            1
+            for answer in self.answers
+            if answer[1] == path
+            and (status is None or answer[2] == status)
+            and (phase is None or answer[0] == phase)
+        )
+
+    async def run(self, clients: int) -> None:
+        limits = httpx.Limits(max_connections=clients + 1)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10, limits=limits) as http:
+            await asyncio.gather(*(self._client(http) for _ in range(clients)), self._scraper(http))
+
+    def stop(self) -> None:
+        self._running = False
+
+    async def _client(self, http: httpx.AsyncClient) -> None:
+        while self._running:
+            for path in ("/db", "/plain"):
+                await self._get(http, path)
+
+    async def _scraper(self, http: httpx.AsyncClient) -> None:
+        while self._running:
+            await self._get(http, "/metrics")
+            await asyncio.sleep(0.1)
+
+    async def _get(self, http: httpx.AsyncClient, path: str) -> None:
+        phase = self.phase
+        try:
+            status = (await http.get(path)).status_code
+        except httpx.HTTPError:
+            status = 0
+        self.answers.append((phase if phase == self.phase else "changing", path, status))
+
+    async def until(self, path: str, status: int, count: int, timeout: float = 20.0) -> None:
+        """Wait until ``count`` answers of ``status`` on ``path`` in the current phase."""
+        deadline = time.monotonic() + timeout
+        while self.count(path, status, self.phase) < count:
+            assert time.monotonic() < deadline, f"{path}: fewer than {count} {status} in time"
+            await asyncio.sleep(0.05)
+
+
+def db_statuses_after_first_success(load: Load) -> set[int]:
+    answers = [status for phase, path, status in load.answers if phase == "up" and path == "/db"]
+    return set(answers[answers.index(200) :])
+
+
+@pytest.mark.uvicorn
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_the_database_stopped_and_restarted_under_load(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """PostgreSQL stops for a second under 16 concurrent clients, then comes back. Non-DB
+    routes and /metrics answer 200 throughout, DB routes a clean 503 while it is down; every
+    failure is counted once (acquire or query error), nothing is logged per request, the DB
+    route recovers, and no connection is left in use."""
+    env = {"FAULTS_DSN": postgres_cluster.dsn}
+    with start_uvicorn(APP, args=["--no-access-log"], env=env) as server:
+        load = Load(server.url)
+        running = asyncio.create_task(load.run(clients=16))
+        try:
+            await load.until("/db", 200, 50)
+            load.phase = "stopping"
+            await asyncio.to_thread(postgres_cluster.stop)
+            load.phase = "down"
+            await load.until("/db", 503, 50)
+            await load.until("/metrics", 200, 3)
+            load.phase = "starting"
+            await asyncio.to_thread(postgres_cluster.start)
+            load.phase = "up"
+            await load.until("/db", 200, 50)
+        finally:
+            load.stop()
+            await running
+        async with httpx.AsyncClient(timeout=10) as http:
+            final = parse((await http.get(f"{server.url}/metrics")).text)
+        logs = json_lines(server)
+
+    statuses = {(path, status) for _, path, status in load.answers}
+    assert statuses <= {("/plain", 200), ("/metrics", 200), ("/db", 200), ("/db", 503)}
+    assert load.count("/db", 200, "down") == 0
+    assert load.count("/plain", 200, "down") > 0
+    assert load.count("/db", 503, "before") == 0
+    assert db_statuses_after_first_success(load) == {200}
+
+    # Every request the clients saw is in the histogram, under the status they saw.
+    for path, status in statuses:
+        if path != "/metrics":
+            labels = {"http_route": path, "http_response_status_code": str(status)}
+            assert total(final, "http_server_request_duration_seconds_count", **labels) == (
+                load.count(path, status)
+            ), (path, status)
+    # Each 503 is one failed acquire or one failed query, counted by type.
+    acquire_errors = total(final, "db_client_connection_acquire_errors_total", pool_name="default")
+    query_errors = total(final, "db_client_operation_errors_total", pool_name="default")
+    assert acquire_errors + query_errors == load.count("/db", 503)
+    assert (
+        value(
+            final,
+            "db_client_connection_acquire_errors_total",
+            pool_name="default",
+            error_type="ConnectionRefusedError",
+        )
+        or 0
+    ) > 0
+    # Nothing leaked: no connection in use, nobody waiting, the pool within its bounds.
+    assert value(final, "db_client_connection_count", pool_name="default", state="used") == 0
+    assert value(final, "db_client_connection_pending_requests", pool_name="default") == 0
+    idle = value(final, "db_client_connection_count", pool_name="default", state="idle") or 0
+    assert 0 < idle <= 8
+    # The library logged no failure per request: at most one line per kind.
+    kinds = Counter(
+        (log["event"], log.get("where"), log.get("error_type"))
+        for log in logs
+        if log.get("event") in LIBRARY_FAILURES
+    )
+    assert all(count == 1 for count in kinds.values()), kinds
+    assert not [log for log in logs if log.get("level") in ("error", "critical")], logs[:5]
