@@ -52,15 +52,9 @@ class FailureLog:
             self._log_full_once()
             return
         self._seen.add(key)
-        log_safely(
-            "error",
-            event,
-            where=where,
-            error_type=type(error).__name__,
-            exc_info=error,
-            **fields,
-            **(details or {}),
-        )
+        context = {**(details or {}), **fields}
+        context.update(where=where, error_type=type(error).__name__, exc_info=error)
+        log_safely("error", event, **context)
 
     def _log_full_once(self) -> None:
         if self._full:
