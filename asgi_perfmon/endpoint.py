@@ -60,9 +60,9 @@ class MetricsApp:
             msg = "The /metrics token must be a non-empty string, or None for no token."
             raise ValueError(msg)
         self._registry = resolve_registry(registry)
-        self._token = None if token is None else BearerToken(token)
+        self._token = None if token is None else _BearerToken(token)
         self._disable_compression = disable_compression
-        self._failures = scrape_failures(self._registry)
+        self._failures = _scrape_failures(self._registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,14 +111,14 @@ class MetricsApp:
         """Collect, encode and compress, off the event loop (collectors may be slow; zlib
         releases the GIL while it compresses)."""
         encoder, content_type = choose_encoder(accept)
-        body = Scrape(self._registry, self._failures, set(names) or None).encode(encoder)
+        body = _Scrape(self._registry, self._failures, set(names) or None).encode(encoder)
         gzipped = gzip_accepted and len(body) >= _MIN_GZIP_BYTES
         if gzipped:
             body = gzip.compress(body, compresslevel=6)
         return body, content_type, gzipped
 
 
-class BearerToken:
+class _BearerToken:
     """Checks an ``Authorization`` header against ``Bearer <token>`` in constant time.
 
     ``hmac.compare_digest`` returns early when its arguments differ in length, so both sides
@@ -140,7 +140,7 @@ class BearerToken:
         return hmac.compare_digest(self.digest(authorization), self._expected)
 
 
-class ScrapeFailures:
+class _ScrapeFailures:
     """``asgi_perfmon_scrape_errors_total{collector}`` of one registry, and its log.
 
     ``collector`` is the collector's class name: bounded by the code, not by input.
@@ -172,11 +172,11 @@ class ScrapeFailures:
         )
 
 
-def scrape_failures(registry: CollectorRegistry) -> ScrapeFailures:
-    """The :class:`ScrapeFailures` of ``registry``, shared by every endpoint serving it."""
+def _scrape_failures(registry: CollectorRegistry) -> _ScrapeFailures:
+    """The :class:`_ScrapeFailures` of ``registry``, shared by every endpoint serving it."""
     namespace = resolve_namespace(None)
     return shared(
-        registry, ("scrape_errors", namespace), lambda: ScrapeFailures(registry, namespace)
+        registry, ("scrape_errors", namespace), lambda: _ScrapeFailures(registry, namespace)
     )
 
 
@@ -199,7 +199,7 @@ class _Collected:
             yield from group.metrics
 
 
-class Scrape:
+class _Scrape:
     """One scrape: every collector on its own, so that a broken one is left out alone.
 
     ``names`` restricts the output to those sample names, like prometheus-client's
@@ -210,7 +210,7 @@ class Scrape:
     def __init__(
         self,
         registry: CollectorRegistry,
-        failures: ScrapeFailures,
+        failures: _ScrapeFailures,
         names: set[str] | None = None,
     ) -> None:
         self._registry = registry
@@ -296,7 +296,7 @@ class Scrape:
 class _ProcessFiles:
     """The multiprocess collector, skipping the files it cannot read instead of failing."""
 
-    def __init__(self, path: str, failures: ScrapeFailures) -> None:
+    def __init__(self, path: str, failures: _ScrapeFailures) -> None:
         self._path = path
         self._failures = failures
 
