@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, cast
 
+from asgi_perfmon.logconfig import escape_unsafe_characters, printable
+
 try:
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover - orjson comes with the [cli] extra
@@ -398,7 +400,7 @@ def _render_table(result: dict[str, Any], sources: Sequence[Source]) -> str:
     )
     if not result["routes"]:
         return header + "\n"
-    names = [f"{r['method']} {r['route']}".strip() for r in result["routes"]]
+    names = [printable(f"{r['method']} {r['route']}".strip()) for r in result["routes"]]
     width = max(len("route"), *(len(name) for name in names))
     lines = [header, "", f"{'route':<{width}}  {'count':>7}  {'p50':>8}  {'p95':>8}  {'max':>8}"]
     for name, route in zip(names, result["routes"], strict=True):
@@ -408,7 +410,7 @@ def _render_table(result: dict[str, Any], sources: Sequence[Source]) -> str:
         )
         if route["operations"]:
             ops = ", ".join(
-                f"{op['name']} {_seconds(op['total_s'])} ({op['count']}x)"
+                f"{printable(op['name'])} {_seconds(op['total_s'])} ({op['count']}x)"
                 for op in route["operations"]
             )
             lines.append(f"    operations: {ops}")
@@ -487,7 +489,7 @@ def _slowlog(args: argparse.Namespace) -> int:
         summary.add_line(line, filters)
     result = summary.as_json(args.top)
     if args.json:
-        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+        sys.stdout.write(escape_unsafe_characters(json.dumps(result, ensure_ascii=False)) + "\n")
     else:
         sys.stdout.write(_render_table(result, sources))
     return 0

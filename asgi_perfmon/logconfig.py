@@ -5,6 +5,7 @@ from __future__ import annotations
 import json as stdlib_json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -28,6 +29,14 @@ ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _FIRST_KEYS = ("event", "level", "timestamp", "logger")
 _HANDLER_MARK = "_asgi_perfmon_handler"
 _LEFTOVER_KEYS = ("color_message", "message", "asctime")
+_MULTILINE_KEYS = ("exception", "stack")
+_UNSAFE_CHARACTERS = re.compile(
+    "[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+"""What JSON leaves unescaped but a reader must not see raw: DEL and the C1 controls (CSI
+among them), the line and paragraph separators (``str.splitlines()`` splits on them, as on
+NEL), the bidirectional overrides that reorder what a terminal shows, and lone surrogates,
+which are not text at all (a server may pass undecodable bytes that way)."""
 
 
 def configure_logging(
@@ -78,7 +87,11 @@ def _shared_processors() -> list[Processor]:
 def _render_processors(as_json: bool, stream: TextIO) -> list[Processor]:
     strip_meta = structlog.stdlib.ProcessorFormatter.remove_processors_meta
     if not as_json:
-        return [strip_meta, structlog.dev.ConsoleRenderer(colors=_is_tty(stream))]
+        return [
+            strip_meta,
+            _printable_values,
+            structlog.dev.ConsoleRenderer(colors=_is_tty(stream)),
+        ]
     exceptions = ExceptionRenderer(ExceptionDictTransformer(show_locals=False, use_rich=False))
     return [
         strip_meta,
@@ -153,6 +166,16 @@ def _drop_leftovers(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDi
     return event_dict
 
 
+def _printable_values(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Escape the console line's text values: the renderer writes the message, and values
+    without spaces or quotes, as they are, so request data could colour or split the line.
+    Nested values are shown with ``repr``, which escapes; tracebacks stay multi-line."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key not in _MULTILINE_KEYS and not value.isprintable():
+            event_dict[key] = printable(value)
+    return event_dict
+
+
 def _key_order(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Put ``event``, ``level``, ``timestamp`` and ``logger`` first, for people reading."""
     ordered = {key: event_dict.pop(key) for key in _FIRST_KEYS if key in event_dict}
@@ -161,11 +184,38 @@ def _key_order(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
+    return escape_unsafe_characters(_serialize(obj, kwargs.get("default")))
+
+
+def _serialize(obj: Any, default: Any) -> str:
     if orjson is not None:
         try:
-            return orjson.dumps(
-                obj, default=kwargs.get("default"), option=orjson.OPT_NON_STR_KEYS
-            ).decode()
-        except TypeError:  # e.g. integers beyond 64 bits: the stdlib handles those
+            return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # integers beyond 64 bits, lone surrogates: the stdlib handles those
             pass
-    return stdlib_json.dumps(obj, default=kwargs.get("default", repr))
+    return stdlib_json.dumps(obj, default=default or repr, ensure_ascii=False)
+
+
+def escape_unsafe_characters(text: str) -> str:
+    """``text`` (serialized JSON) with the characters JSON allows raw but that could split or
+    disguise a log line written as ``\\uXXXX`` escapes, and lone surrogates replaced by
+    U+FFFD, so the line stays one line that any strict JSON parser reads."""
+    if text.isascii() and "\x7f" not in text:  # the usual line, checked at C speed
+        return text
+    return _UNSAFE_CHARACTERS.sub(_escaped, text)
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls such as ESC, CR and LF, line
+    separators, bidirectional overrides) escaped as ``repr`` writes it, for plain-text output
+    that request data must not be able to colour, move the cursor in or split."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    character = match.group()
+    if "\ud800" <= character <= "\udfff":
+        return "\ufffd"
+    return f"\\u{ord(character):04x}"
