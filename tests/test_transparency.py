@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import httpx
 import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -26,7 +30,8 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_perfmon import PerfMonMiddleware
-from tests._helpers import recorded_requests, samples
+from tests._helpers import DURATION_COUNT, recorded_requests, samples
+from tests._uvicorn import RunningServer, start_uvicorn
 
 Message = dict[str, Any]
 ASGIApp = Callable[[dict[str, Any], Any, Any], Any]
@@ -831,3 +836,126 @@ def test_starlette_client_disconnect_is_not_an_app_error(
     assert {"client_disconnect": 1.0} == nonzero(
         registry, "http_server_aborted_requests_total", "reason"
     )
+
+
+# --- A real server: the same bytes on the wire ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request to tests/apps/transparency_app.py and the status the middleware records."""
+
+    method: str
+    path: str
+    status: str
+    request_id: bytes | None = None
+    chunked_body: tuple[bytes, ...] | None = None
+    adds_request_id: bool = True  # False: the app set one, or the server answered by itself
+
+    def request(self) -> bytes:
+        lines = [f"{self.method} {self.path} HTTP/1.1".encode(), b"host: 127.0.0.1"]
+        if self.request_id is not None:
+            lines.append(b"x-request-id: " + self.request_id)
+        if self.chunked_body is not None:
+            lines.append(b"transfer-encoding: chunked")
+        head = b"\r\n".join([*lines, b"connection: close", b"", b""])
+        if self.chunked_body is None:
+            return head
+        chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in self.chunked_body if c]
+        return head + b"".join(chunks) + b"0\r\n\r\n"
+
+
+PROBES = [
+    Probe("GET", "/text", "200"),
+    Probe("HEAD", "/text", "200"),
+    Probe("GET", "/text", "200", request_id=b"transparency-check"),
+    Probe("GET", "/text", "200", request_id=b"not a safe id"),
+    Probe("GET", "/headers", "201"),
+    Probe("GET", "/no-content", "204"),
+    Probe("GET", "/not-modified", "304"),
+    Probe("GET", "/stream", "200"),
+    Probe("GET", "/large", "200"),
+    Probe("HEAD", "/large", "200"),
+    Probe("GET", "/app-id", "200", adds_request_id=False),
+    Probe("POST", "/echo", "200", chunked_body=(b"first,", b"x" * 70_000, b"last")),
+    Probe("GET", "/boom", "500", adds_request_id=False),  # uvicorn's own 500
+    Probe("GET", "/boom-mid", "200"),
+    Probe("GET", "/after", "200"),
+    Probe("GET", "/background", "200"),
+    Probe("GET", "/file", "200"),
+    Probe("HEAD", "/file", "200"),
+    Probe("DELETE", "/missing", "404"),
+]
+
+
+def raw_exchange(server: RunningServer, probe: Probe) -> bytes:
+    """Everything the server wrote on a fresh connection, up to its close."""
+    host, port = server.url.removeprefix("http://").split(":")
+    received = []
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(probe.request())
+        while data := connection.recv(1 << 16):
+            received.append(data)
+    return b"".join(received)
+
+
+DATE_LINE = re.compile(rb"\r\ndate: [^\r]*")
+REQUEST_ID_LINE = re.compile(rb"\r\nx-request-id: ([^\r]*)", re.IGNORECASE)
+
+
+def without_added_request_id(raw: bytes, probe: Probe) -> bytes:
+    ids = REQUEST_ID_LINE.findall(raw)
+    if not probe.adds_request_id:
+        return raw
+    assert 1 == len(ids), raw[:500]
+    client = Client(request_id=probe.request_id)
+    assert_request_id_rule(ids[0], client)
+    return REQUEST_ID_LINE.sub(b"", raw, count=1)
+
+
+@pytest.fixture(scope="module")
+def bare_and_monitored_servers() -> Iterator[tuple[RunningServer, RunningServer]]:
+    args = ["--lifespan", "off", "--no-access-log"]
+    with (
+        start_uvicorn("tests.apps.transparency_app:bare", args=args) as bare,
+        start_uvicorn("tests.apps.transparency_app:monitored", args=args) as monitored_server,
+    ):
+        yield bare, monitored_server
+
+
+def recorded_by_server(server: RunningServer) -> dict[str, Counter[tuple[str, str]]]:
+    """From the server's /metrics: requests by (method, status), aborts and active requests."""
+    recorded: dict[str, Counter[tuple[str, str]]] = {
+        "requests": Counter(), "aborted": Counter(), "active": Counter()
+    }  # fmt: skip
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels, value = sample.labels, int(sample.value)
+            if sample.name == DURATION_COUNT:
+                key = (labels["http_request_method"], labels["http_response_status_code"])
+                recorded["requests"][key] += value
+            elif sample.name == "http_server_aborted_requests_total" and value:
+                recorded["aborted"][(labels["http_request_method"], labels["reason"])] += value
+            elif sample.name == "http_server_active_requests" and value:
+                recorded["active"][(labels["http_request_method"], "")] += value
+    return recorded
+
+
+@pytest.mark.uvicorn
+def test_real_server_sends_the_same_bytes(
+    bare_and_monitored_servers: tuple[RunningServer, RunningServer],
+) -> None:
+    """Under uvicorn, every response is byte-for-byte the bare one, bar date and request id."""
+    bare, monitored_server = bare_and_monitored_servers
+
+    for probe in PROBES:
+        expected = DATE_LINE.sub(b"", raw_exchange(bare, probe), count=1)
+        actual = DATE_LINE.sub(b"", raw_exchange(monitored_server, probe), count=1)
+
+        assert expected == without_added_request_id(actual, probe), probe
+
+    recorded = recorded_by_server(monitored_server)
+    assert Counter((p.method, p.status) for p in PROBES) == recorded["requests"]
+    assert Counter({("GET", "error_mid_stream"): 1}) == recorded["aborted"]
+    assert Counter() == recorded["active"]
