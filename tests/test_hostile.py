@@ -6,20 +6,23 @@ bounded series and memory, and log lines that cannot be forged.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
 import logging
 import random
 import re
+import socket
 import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import httpx
 import orjson
 import psutil
 import pytest
@@ -27,6 +30,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.parser import text_string_to_metric_families as text_to_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -42,12 +46,15 @@ from asgi_perfmon.logconfig import ROUTED_LOGGERS, configure_logging
 from asgi_perfmon.metrics import OTHER_METHOD, STANDARD_METHODS
 from asgi_perfmon.middleware import MAX_LOGGED_PATH
 from tests._helpers import FakeClock, recorded_requests
+from tests._uvicorn import start_uvicorn
 
 SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 TEMPLATES = frozenset(
     {"/", "/items/{item_id}", "/files/{path}", "/static/{path}", "/users/{user_id}/"}
 )
+APP = "tests.apps.hostile_app:app"
+LOG_ENV = "HOSTILE_LOG"  # where the app writes its JSON log
 BIG = 64 * 1024
 BIG_QUERY = b"q=%ff\x00&" * (BIG // 8)
 
@@ -535,3 +542,132 @@ async def test_slowlog_output_cannot_be_forged(
     routes = {route["route"]: route for route in json.loads(line)["routes"]}
     assert crafted["route"] in routes
     assert [crafted["method"]] == [routes[crafted["route"]]["method"]]
+
+
+# -- raw bytes under a real uvicorn --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """A response read off the socket: status (0 if none came) and lower-case headers."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def request_ids(self) -> list[bytes]:
+        return [value for name, value in self.headers if name == b"x-request-id"]
+
+
+def raw_exchange(url: str, head: bytes) -> RawAnswer:
+    """Send ``head`` (a request without body) on a new connection; read the response."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    received = b""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may close before reading it all
+            sock.sendall(head)
+            sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    if not received:
+        return RawAnswer(0, [])
+    status_line, *lines = received.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    headers = [tuple(line.split(b": ", 1)) for line in lines]
+    return RawAnswer(int(status_line.split()[1]), [(k.lower(), v) for k, v in headers])
+
+
+def request_head(target: bytes, *headers: bytes, method: bytes = b"GET") -> bytes:
+    return b"\r\n".join([method + b" " + target + b" HTTP/1.1", b"Host: x", *headers,
+                         b"Connection: close", b"", b""])  # fmt: skip
+
+
+# What uvicorn (h11) hands to the app, and what it rejects itself with a 400 (recorded with
+# uvicorn 0.54 / h11 0.16): h11 refuses bytes outside visible ASCII in the request target,
+# NUL, CR or LF inside a header value, and methods that are not tokens; a request head is
+# refused once more than 16 kB of it is waiting incomplete, so 64 kB arrives whole (one
+# read) only most of the time, and 128 kB never.
+RAW_CASES: dict[str, tuple[bytes, set[int]]] = {
+    "raw 0xff in path": (request_head(b"/items/\xff"), {400}),
+    "raw NUL in path": (request_head(b"/items/a\x00b"), {400}),
+    "CR in X-Request-ID": (request_head(b"/ok", b"X-Request-ID: a\rb"), {400}),
+    "NUL in X-Request-ID": (request_head(b"/ok", b"X-Request-ID: a\x00b"), {400}),
+    "non-token method": (request_head(b"/items/1", method=b"G(T"), {400}),
+    "128 kB path": (request_head(b"/items/" + b"a" * 2 * BIG), {400}),
+    "percent-encoded invalid UTF-8": (request_head(b"/items/%ff%fe%c3"), {200}),
+    "percent-encoded NUL": (request_head(b"/items/a%00b"), {200}),
+    "percent-encoded CR/LF": (request_head(b"/items/a%0d%0aSet-Cookie:%20x=1"), {200}),
+    "percent-encoded separators": (request_head(b"/items/%E2%80%A8%C2%85%1b[2J"), {200}),
+    "64 kB path": (request_head(b"/items/" + b"a" * BIG), {200, 400}),
+    "15 kB path": (request_head(b"/items/" + b"a" * 15_000), {200}),
+    "64 kB X-Request-ID": (request_head(b"/ok", b"X-Request-ID: " + b"a" * BIG), {200, 400}),
+    "invalid UTF-8 X-Request-ID": (
+        request_head(b"/ok", b"X-Request-ID: \xff\xfe\x1b[31m\x7f"),
+        {200},
+    ),
+    "only spaces X-Request-ID": (request_head(b"/ok", b"X-Request-ID:    "), {200}),
+    "500 X-Request-IDs": (
+        request_head(b"/ok", *(b"X-Request-ID: id-%d" % n for n in range(500))),
+        {200},
+    ),
+    "lowercase method": (request_head(b"/items/1", method=b"get"), {405}),
+    "10 kB method": (request_head(b"/items/1", method=b"A" * 10_000), {405}),
+    "dot segments": (request_head(b"/items/../../etc/passwd"), {404}),
+    "empty segments": (request_head(b"//items//1"), {404}),
+    "absolute form": (request_head(b"http://evil/items/1"), {404}),
+    "asterisk form": (request_head(b"*", method=b"OPTIONS"), {404}),
+    "12 kB query": (request_head(b"/items/1?" + b"q=%ff&" * 2000), {200}),
+}
+
+
+def scrape(url: str) -> list[Any]:
+    """Every sample of the server's /metrics, parsed as Prometheus does."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return [sample for family in text_to_families(text) for sample in family.samples]
+
+
+@pytest.mark.uvicorn
+@pytest.mark.slow
+def test_raw_hostile_bytes_under_uvicorn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Raw hostile requests over a socket: uvicorn rejects some itself; the rest get the
+    app's answer and one safe request id; 1,000 distinct hostile paths later the server
+    still answers, /metrics parses with the same number of series, every log line is one
+    printable JSON object, and ``slowlog`` reads them all."""
+    log = tmp_path / "app.log"
+    with start_uvicorn(APP, env={LOG_ENV: str(log)}) as server:
+        answers = {name: raw_exchange(server.url, head) for name, (head, _) in RAW_CASES.items()}
+        series_before = scrape(server.url)
+        distinct = [
+            raw_exchange(server.url, request_head(b"/items/%d%%ff%%00%%0a" % n + b"%1b" * (n % 50)))
+            for n in range(1000)
+        ]
+        series_after = scrape(server.url)
+        still_ok = raw_exchange(server.url, request_head(b"/ok"))
+
+    for name, (_, statuses) in RAW_CASES.items():
+        assert answers[name].status in statuses, name
+    reached_app = [a for a in [*answers.values(), *distinct, still_ok] if a.status != 400]
+    assert all(len(a.request_ids()) == 1 for a in reached_app)
+    assert all(SAFE_ID.fullmatch(a.request_ids()[0].decode()) for a in reached_app)
+    assert [b"id-0"] == answers["500 X-Request-IDs"].request_ids()
+    assert all(name != b"set-cookie" for a in reached_app for name, _ in a.headers)
+    assert {200} == {a.status for a in distinct}
+    assert 200 == still_ok.status
+    assert len(series_before) == len(series_after)
+    routes = {s.labels["http_route"] for s in series_after if "http_route" in s.labels}
+    methods = {s.labels[k] for s in series_after for k in s.labels if k == "http_request_method"}
+    assert routes <= {"/ok", "/items/{item_id}", UNMATCHED}
+    assert methods <= STANDARD_METHODS | {OTHER_METHOD}
+
+    lines = log.read_text(encoding="utf-8").split("\n")
+    assert "" == lines.pop()
+    assert len(lines) == len("\n".join(lines).splitlines())
+    records = [orjson.loads(line) for line in lines]
+    assert all(line.isprintable() for line in lines)
+    slow = [record for record in records if record["event"] == "slow_request"]
+    assert len(reached_app) == len(slow)
+    assert 0 == cli_main(["slowlog", str(log)])
+    table, _ = capsys.readouterr()
+    assert table.startswith(f"{len(slow)} slow requests")
+    assert all(row.isprintable() for row in table.split("\n"))
