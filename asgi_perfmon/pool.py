@@ -571,9 +571,17 @@ class InstrumentedPool:
             error = exc
             raise
         finally:
+            elapsed = perf_counter() - start
             label = statement if operation is None else f"{method} {statement}"
-            self._recorder.record_safely(label, perf_counter() - start, error, operation)
-            await self._pool.release(connection)
+            try:
+                await self._pool.release(connection)
+            except BaseException as exc:
+                # asyncpg re-raises a failed reset (e.g. the server went away just after the
+                # query): the call fails for the caller, so it counts as failed.
+                error = error or exc
+                raise
+            finally:
+                self._recorder.record_safely(label, elapsed, error, operation)
 
     async def close(self) -> None:
         """Close the pool (``Pool.close``) and stop sampling its sizes."""

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import structlog
@@ -27,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_perfmon import PerfMonMiddleware, metrics_app
+from asgi_perfmon import PerfMonMiddleware, instrument_pool, metrics_app
 from asgi_perfmon._logging import MAX_FAILURE_KINDS, FailureLog
 from tests._helpers import client
 from tests._postgres import PostgresCluster
@@ -431,9 +432,12 @@ async def test_the_database_stopped_and_restarted_under_load(
         async with httpx.AsyncClient(timeout=10) as http:
             final = parse((await http.get(f"{server.url}/metrics")).text)
         logs = json_lines(server)
+        server_errors = [log for log in logs if log.get("level") in ("error", "critical")]
 
     statuses = {(path, status) for _, path, status in load.answers}
-    assert statuses <= {("/plain", 200), ("/metrics", 200), ("/db", 200), ("/db", 503)}
+    assert statuses <= {("/plain", 200), ("/metrics", 200), ("/db", 200), ("/db", 503)}, [
+        str(log.get("exception"))[-1500:] for log in server_errors[:2]
+    ]
     assert load.count("/db", 200, "down") == 0
     assert load.count("/plain", 200, "down") > 0
     assert load.count("/db", 503, "before") == 0
@@ -471,4 +475,47 @@ async def test_the_database_stopped_and_restarted_under_load(
         if log.get("event") in LIBRARY_FAILURES
     )
     assert all(count == 1 for count in kinds.values()), kinds
-    assert not [log for log in logs if log.get("level") in ("error", "critical")], logs[:5]
+    assert not server_errors
+
+
+@pytest.mark.postgres
+async def test_a_query_whose_release_fails_is_counted_as_failed(
+    postgres_dsn: str, registry: CollectorRegistry
+) -> None:
+    """asyncpg re-raises a failed connection reset from ``release`` (the server went away
+    right after the query): the shortcut call fails for the caller, so it must count as a
+    failed operation, not as a success with an error nobody counted."""
+    failing_resets = 1
+
+    async def reset(connection: Any) -> None:
+        nonlocal failing_resets
+        if failing_resets:
+            failing_resets -= 1
+            raise ConnectionResetError("the server went away during the reset")
+
+    raw = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=1, reset=reset)
+    pool = instrument_pool(raw, "resets", registry=registry)
+    try:
+        with pytest.raises(ConnectionResetError):
+            await pool.fetchval("SELECT 1")
+        assert await pool.fetchval("SELECT 2") == 2
+    finally:
+        await pool.close()
+
+    labels = {"pool_name": "resets", "db_operation_name": "SELECT"}
+    assert (
+        registry.get_sample_value(
+            "db_client_operation_errors_total", {**labels, "error_type": "ConnectionResetError"}
+        )
+        == 1
+    )
+    outcomes = {
+        outcome: registry.get_sample_value(
+            "db_client_operation_duration_seconds_count", {**labels, "outcome": outcome}
+        )
+        for outcome in ("ok", "error")
+    }
+    assert outcomes == {"ok": 1, "error": 1}
+    assert registry.get_sample_value(
+        "db_client_connection_count", {"pool_name": "resets", "state": "used"}
+    ) in (0, None)
