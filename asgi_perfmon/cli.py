@@ -101,10 +101,10 @@ def _sources(paths: Sequence[str]) -> list[Source]:
             sources.append(Source("-", None))
             continue
         if not os.path.exists(path):
-            msg = f"no such file: {path}"
+            msg = f"no such file: {printable(path)}"
             raise UsageError(msg)
         if os.path.isdir(path):
-            msg = f"is a directory, not a log file: {path}"
+            msg = f"is a directory, not a log file: {printable(path)}"
             raise UsageError(msg)
         sources.append(Source(path, os.path.getsize(path)))
     if sum(source.name == "-" for source in sources) > 1:
@@ -124,7 +124,7 @@ def _open_binary(source: Source) -> tuple[IO[bytes], IO[bytes] | None]:
         try:
             raw = owned = open(source.name, "rb")  # noqa: SIM115 - closed by _read_lines
         except OSError as error:
-            msg = f"cannot read {source.name}: {error.strerror or error}"
+            msg = f"cannot read {printable(source.name)}: {error.strerror or error}"
             raise UsageError(msg) from None
     head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
     if head == _GZIP_MAGIC:
@@ -146,7 +146,7 @@ def _read_lines(
                     done = start + owned.tell()
                 progress.update(done)
         except (OSError, EOFError) as error:  # e.g. a gzip file still being written
-            warn(f"{source.name}: stopped reading early ({error})")
+            warn(f"{printable(source.name)}: stopped reading early ({error})")
         finally:
             if owned is not None:
                 stream.close()

@@ -198,7 +198,10 @@ def hostile_request(n: int, padding: str) -> Hostile:
     if n % 50 == 0:
         headers += [(b"x-request-id", f"dup-{i}".encode()) for i in range(100)]
     query = BIG_QUERY + str(n).encode() if n % 100 == 0 else b"a=%00&b=" + str(n).encode()
-    return Hostile(METHODS[n % len(METHODS)], path, query, tuple(headers))
+    method = METHODS[n % len(METHODS)]
+    if method == "BREW":
+        method += str(n)  # distinct methods too
+    return Hostile(method, path, query, tuple(headers))
 
 
 def hostile_requests(count: int, *, start: int = 0, seed: int = 8) -> Iterator[Hostile]:
@@ -542,6 +545,24 @@ async def test_slowlog_output_cannot_be_forged(
     routes = {route["route"]: route for route in json.loads(line)["routes"]}
     assert crafted["route"] in routes
     assert [crafted["method"]] == [routes[crafted["route"]]["method"]]
+
+
+def test_slowlog_errors_escape_file_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file or directory name made to colour the terminal (e.g. picked up by a glob) is
+    escaped in the one-line error."""
+    hostile = tmp_path / "logs\x1b[2J\rforged"
+    hostile.mkdir()
+
+    assert 2 == cli_main(["slowlog", str(hostile)])
+    assert 2 == cli_main(["slowlog", str(tmp_path / "missing\x1b[31m")])
+    _, errors = capsys.readouterr()
+
+    lines = errors.split("\n")
+    assert "" == lines.pop()
+    assert 2 == len(lines)
+    assert all(line.isprintable() and "\\x1b" in line for line in lines)
 
 
 # -- raw bytes under a real uvicorn --------------------------------------------------------
