@@ -140,7 +140,10 @@ class RouteResolver:
         """The template for ``scope`` (taken before the app ran), or ``UNMATCHED``."""
         if routes is None:
             return UNMATCHED
-        key = _cache_key(scope, with_host=self._host_routes)
+        if self._host_routes:
+            key = _cache_key(scope)
+        else:
+            key = (scope["type"], scope.get("method"), scope["path"], scope.get("root_path", ""))
         template = self._cache.get(key)
         if template is None:
             template = self._resolve_uncached(routes, scope)
@@ -229,11 +232,11 @@ except ImportError:  # pragma: no cover - a Starlette without it
     _router_path = route_path
 
 
-def _cache_key(scope: Scope, *, with_host: bool) -> tuple[Any, ...]:
+def _cache_key(scope: Scope) -> tuple[Any, ...]:
+    """The cache key when ``Host`` routes make the answer depend on the Host header."""
     host = b""
-    if with_host:
-        for name, value in scope.get("headers", ()):
-            if name == b"host":
-                host = value
-                break
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            host = value
+            break
     return (scope["type"], scope.get("method"), scope["path"], scope.get("root_path", ""), host)

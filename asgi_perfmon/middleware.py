@@ -199,7 +199,8 @@ class PerfMonMiddleware:
             self._fail(exchange, error)
             raise
         else:
-            self._finish(exchange, error=None)
+            if not exchange.finished:  # the app returned without completing the response
+                self._finish(exchange, error=None)
         finally:
             self._log_request_id.reset(log_token)
             _current.reset(context_token)
