@@ -23,6 +23,9 @@ UNMATCHED = "__unmatched__"
 """The ``http_route`` of a request that matches no route (404)."""
 
 DEFAULT_CACHE_SIZE = 4096
+MAX_CACHED_PATH_CHARS = 512
+"""Longer paths (and methods) are resolved but not cached: a full cache of hostile 64 kB paths
+would hold a quarter of a gigabyte. Real routes are far shorter."""
 
 
 def route_path(scope: Scope) -> str:
@@ -147,6 +150,8 @@ class RouteResolver:
         template = self._cache.get(key)
         if template is None:
             template = self._resolve_uncached(routes, scope)
+            if _key_chars(key) > MAX_CACHED_PATH_CHARS:
+                return template
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()  # cheaper than LRU bookkeeping; refills from hot paths
             self._cache[key] = template
@@ -230,6 +235,10 @@ try:  # the router's own notion of the path, which changed across Starlette vers
     from starlette._utils import get_route_path as _router_path
 except ImportError:  # pragma: no cover - a Starlette without it
     _router_path = route_path
+
+
+def _key_chars(key: tuple[Any, ...]) -> int:
+    return sum(len(part) for part in key[1:] if part)
 
 
 def _cache_key(scope: Scope) -> tuple[Any, ...]:
