@@ -14,13 +14,14 @@ MIN_TESTS := tests/test_routes.py tests/test_middleware.py tests/test_endpoint.p
 	tests/test_config.py tests/test_public_api.py
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-latest test-min lint demo bench bench-smoke clean
+.PHONY: help install test test-latest test-min lint demo bench bench-smoke soak clean
 
 help:
 	@echo "make demo        run the example app on a throwaway PostgreSQL, drive traffic, summarise"
 	@echo "make test        the full test suite (newest dependencies + the declared minimums)"
 	@echo "make lint        ruff and mypy strict"
 	@echo "make bench       overhead against a bare app and the peers"
+	@echo "make soak        10 minutes of mixed and hostile traffic: RSS and series stay flat"
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,10 @@ bench: $(PY)
 
 bench-smoke: $(PY)
 	$(PY) -m benchmarks --smoke
+
+SOAK_SECONDS ?= 600
+soak: $(PY)
+	$(PY) -m benchmarks --only soak --soak-seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .mypy_cache .ruff_cache .pytest_cache

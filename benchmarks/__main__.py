@@ -1,4 +1,8 @@
-"""``python -m benchmarks [--smoke] [--only SECTION] [--output DIR]``."""
+"""``python -m benchmarks [--smoke] [--only SECTION] [--output DIR]``.
+
+``--only soak [--soak-seconds N]`` runs the ten-minute soak (``make soak``), which the
+default run leaves out.
+"""
 
 from __future__ import annotations
 

@@ -18,12 +18,14 @@ from benchmarks import (
     pool_cache,
     report,
     scrape,
+    soak,
     targets,
     variants,
 )
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results"
 SECTIONS = ("inprocess", "http", "scrape", "cardinality", "pool_cache")
+ON_REQUEST = ("soak",)  # run only when named with --only; results of their own
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         "--smoke", action="store_true", help="tiny iteration counts: proves it works, not speed"
     )
     parser.add_argument(
-        "--only", choices=SECTIONS, action="append", help="run only this section (repeatable)"
-    )
+        "--only", choices=(*SECTIONS, *ON_REQUEST), action="append",
+        help="run only this section (repeatable); soak runs only when named here",
+    )  # fmt: skip
+    parser.add_argument(
+        "--soak-seconds", type=float, default=None,
+        help=f"length of the soak (default {soak.DEFAULT_SECONDS:g} s, {soak.SMOKE_SECONDS:g} s "
+        "with --smoke); results in soak.json/.md/.png",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results directory")
     parser.add_argument(
         "--variants", help="comma-separated variant names (default: every installed one)"
@@ -97,11 +105,17 @@ def _choose(requested: str | None) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every section ran (targets are reported, not enforced)."""
     args = _parser().parse_args(argv)
-    names, missing = _choose(args.variants)
     output: Path = args.output
     output.mkdir(parents=True, exist_ok=True)
-    stem = _stem(args.smoke)
     chosen = tuple(args.only) if args.only else SECTIONS
+    if "soak" in chosen:
+        verdict = soak.run(output, seconds=args.soak_seconds, smoke=args.smoke)["verdict"]
+        print(f"[bench] soak: {'pass' if verdict['pass'] else 'FAIL'}", file=sys.stderr)
+        chosen = tuple(section for section in chosen if section != "soak")
+        if not chosen:
+            return 0
+    names, missing = _choose(args.variants)
+    stem = _stem(args.smoke)
     results = _load_previous(output / f"{stem}.json", args.smoke) if args.only else {}
     results["machine"] = {**machine.describe(), "mode": _mode(args.smoke)}
     results["variants"] = {
