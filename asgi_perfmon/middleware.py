@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from starlette.requests import ClientDisconnect
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, validate_max_label_values
@@ -162,18 +163,16 @@ class PerfMonMiddleware:
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                exchange.status = message["status"]
-                exchange.trailers = message.get("trailers", False)
-                headers = message.get("headers", ())
-                if header_value(headers, id_header) is None:
-                    # A new list: the app may reuse the one it sent (a Response sent twice).
-                    message["headers"] = [*headers, (id_header, request_id.encode("ascii"))]
+                message = _with_request_id(message, id_header, request_id)
             try:
                 await send(message)
             except OSError:
                 exchange.disconnected = True
                 raise
-            if kind == "http.response.body":
+            if kind == "http.response.start":  # only once the server took it: else a 499
+                exchange.status = message["status"]
+                exchange.trailers = message.get("trailers", False)
+            elif kind == "http.response.body":
                 body_length = len(message.get("body", b""))
                 done = not message.get("more_body", False) and not exchange.trailers
                 if body_length or done:
@@ -378,11 +377,28 @@ def _router_of(app: Any, inner_app: Any) -> Any:
     return router
 
 
+def _with_request_id(message: Message, name: bytes, request_id: str) -> Message:
+    """The start message with the request id header added unless the app set one.
+
+    A copy: the app may send the same message again (a prebuilt constant, a Response sent
+    twice). Headers may be any iterable, and their names in any case, so both are normalised
+    before looking.
+    """
+    headers = message.get("headers", ())
+    if not isinstance(headers, (list, tuple)):
+        headers = list(headers)
+    for key, _ in headers:
+        if key.lower() == name:
+            return message if headers is message.get("headers") else {**message, "headers": headers}
+    return {**message, "headers": [*headers, (name, request_id.encode("ascii"))]}
+
+
 def _caused_by_client(exchange: _Exchange, error: BaseException | None) -> bool:
-    """Whether ``error`` only says that the client went away (cancelled, or send failed)."""
+    """Whether ``error`` only says that the client went away: cancelled, a send that failed,
+    or Starlette's ``ClientDisconnect`` (an upload cut off, a send refused under ASGI 2.4)."""
     if isinstance(error, asyncio.CancelledError):
         return True
-    return exchange.disconnected and isinstance(error, OSError)
+    return exchange.disconnected and isinstance(error, (OSError, ClientDisconnect))
 
 
 def _abort_reason(exchange: _Exchange, error: BaseException | None) -> str | None:
