@@ -35,7 +35,15 @@ from asgi_perfmon.pool import InstrumentedPool
 
 DSN = os.environ.get("FAULTS_DSN")
 CAP = os.environ.get("FAULTS_MAX_LABEL_VALUES")
-DATABASE_DOWN = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# asyncpg also raises InternalClientError ("cannot switch to state 12; another operation is
+# in progress") from a query on a connection the stopping server has just dropped.
+DATABASE_DOWN = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 LOG_CALLS = Counter("faults_app_log_calls", "structlog calls that reached the sink", ["event"])
 
