@@ -1,43 +1,28 @@
 """The ``/metrics`` endpoint: Prometheus text or OpenMetrics, gzip, multiprocess, bearer token.
 
-A scrape survives a broken collector: each collector is collected (and, if the encoder
-rejects what it returned, encoded) on its own, so one that raises is left out of that scrape
-while every other metric is served. The failure counts
-``asgi_perfmon_scrape_errors_total{collector}`` and is logged once per collector and error
-type. In multiprocess mode an unreadable file in ``PROMETHEUS_MULTIPROC_DIR`` (e.g. one left
-empty by a crashed worker) is skipped the same way, as collector ``MultiProcessCollector``.
+What a scrape collects, and how it survives broken collectors, is in ``_scrape``.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, BoundedLabels, overflow_counter
-from asgi_perfmon._logging import FailureLog
-from asgi_perfmon._registry import metric_name, resolve_namespace, resolve_registry, shared
+from asgi_perfmon._registry import resolve_registry
+from asgi_perfmon._scrape import Encoder, Scrape, loop_exposition, multiprocess, scrape_failures
 from asgi_perfmon._types import Receive, Scope, Send
 
 _MIN_GZIP_BYTES = 1024
-_MULTIPROCESS_FILES = "MultiProcessCollector"
-
-Encoder = Callable[[Collector], bytes]
+_OPENMETRICS_EOF = b"# EOF\n"
 
 
 class MetricsApp:
@@ -62,7 +47,7 @@ class MetricsApp:
         self._registry = resolve_registry(registry)
         self._token = None if token is None else _BearerToken(token)
         self._disable_compression = disable_compression
-        self._failures = _scrape_failures(self._registry)
+        self._failures = scrape_failures(self._registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,10 +65,17 @@ class MetricsApp:
             return PlainTextResponse(
                 "Unauthorized", 401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'}
             )
-        accept = request.headers.get("accept", "")
-        names = request.query_params.getlist("name[]")
-        body, content_type, gzipped = await anyio.to_thread.run_sync(
-            self._render, accept, names, self._gzip_accepted(request)
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        names = set(request.query_params.getlist("name[]")) or None
+        on_loop = None
+        if names is None and not multiprocess():
+            on_loop = await loop_exposition(
+                self._registry,
+                self._failures,
+                openmetrics=content_type.startswith("application/openmetrics-text"),
+            )
+        body, gzipped = await anyio.to_thread.run_sync(
+            self._render, encoder, names, on_loop, self._gzip_accepted(request)
         )
         headers = {
             "Content-Type": content_type,
@@ -106,16 +98,25 @@ class MetricsApp:
         return "gzip" in request.headers.get("accept-encoding", "").lower()
 
     def _render(
-        self, accept: str, names: list[str], gzip_accepted: bool
-    ) -> tuple[bytes, str, bool]:
-        """Collect, encode and compress, off the event loop (collectors may be slow; zlib
-        releases the GIL while it compresses)."""
-        encoder, content_type = choose_encoder(accept)
-        body = _Scrape(self._registry, self._failures, set(names) or None).encode(encoder)
+        self, encoder: Encoder, names: set[str] | None, on_loop: str | None, gzip_accepted: bool
+    ) -> tuple[bytes, bool]:
+        """Collect, encode and compress in a worker thread (collectors may block; zlib
+        releases the GIL while it compresses). ``on_loop``: the lock-free families, already
+        rendered on the event loop."""
+        scrape = Scrape(
+            self._registry, self._failures, names, without_loop_families=on_loop is not None
+        )
+        body = scrape.encode(encoder)
+        if on_loop:
+            rendered = on_loop.encode()
+            if body.endswith(_OPENMETRICS_EOF):
+                body = body[: -len(_OPENMETRICS_EOF)] + rendered + _OPENMETRICS_EOF
+            else:
+                body += rendered
         gzipped = gzip_accepted and len(body) >= _MIN_GZIP_BYTES
         if gzipped:
             body = gzip.compress(body, compresslevel=6)
-        return body, content_type, gzipped
+        return body, gzipped
 
 
 class _BearerToken:
@@ -129,198 +130,18 @@ class _BearerToken:
 
     def __init__(self, token: str) -> None:
         self._key = secrets.token_bytes(32)
-        self._expected = self.digest(f"Bearer {token}".encode())
+        self._expected = self.digest(token.encode())
 
     def digest(self, value: bytes) -> bytes:
         """The fixed-length form of ``value`` that is compared."""
         return hmac.new(self._key, value, hashlib.sha256).digest()
 
     def accepts(self, authorization: bytes) -> bool:
-        """Whether ``authorization`` (the raw header value) carries the token."""
-        return hmac.compare_digest(self.digest(authorization), self._expected)
-
-
-class _ScrapeFailures:
-    """``asgi_perfmon_scrape_errors_total{collector}`` of one registry, and its log.
-
-    ``collector`` is the collector's class name: bounded by the code, not by input.
-    """
-
-    def __init__(self, registry: CollectorRegistry, namespace: str) -> None:
-        name = metric_name(namespace, "asgi_perfmon_scrape_errors")
-        self.counter = Counter(
-            name,
-            "Collectors left out of a scrape because they raised (or returned what could not "
-            "be encoded), and unreadable multiprocess files skipped.",
-            ["collector"],
-            registry=registry,
-        )
-        self._children: BoundedLabels[Any] = BoundedLabels(
-            self.counter,
-            name=f"{name}_total",
-            label_count=1,
-            max_values=DEFAULT_MAX_LABEL_VALUES,
-            overflow=overflow_counter(registry, namespace),
-        )
-        self._log = FailureLog()
-
-    def record(self, collector: str, error: Exception, **details: str) -> None:
-        """Count one failure of ``collector`` and log the first of each error type."""
-        self._children.labels(collector).inc()
-        self._log.record(
-            "scrape", error, event="collector_failed", collector=collector, details=details
-        )
-
-
-def _scrape_failures(registry: CollectorRegistry) -> _ScrapeFailures:
-    """The :class:`_ScrapeFailures` of ``registry``, shared by every endpoint serving it."""
-    namespace = resolve_namespace(None)
-    return shared(
-        registry, ("scrape_errors", namespace), lambda: _ScrapeFailures(registry, namespace)
-    )
-
-
-@dataclass(frozen=True)
-class _Group:
-    """What one collector returned in this scrape."""
-
-    collector: str
-    metrics: list[Metric]
-
-
-class _Collected:
-    """A registry-like view of already collected groups, which the encoders read."""
-
-    def __init__(self, groups: Iterable[_Group]) -> None:
-        self._groups = list(groups)
-
-    def collect(self) -> Iterator[Metric]:
-        for group in self._groups:
-            yield from group.metrics
-
-
-class _Scrape:
-    """One scrape: every collector on its own, so that a broken one is left out alone.
-
-    ``names`` restricts the output to those sample names, like prometheus-client's
-    ``restricted_registry``; collectors that describe their names are only run if one of
-    them is wanted.
-    """
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        failures: _ScrapeFailures,
-        names: set[str] | None = None,
-    ) -> None:
-        self._registry = registry
-        self._failures = failures
-        self._names = names
-
-    def encode(self, encoder: Encoder) -> bytes:
-        """The exposition of every collector that could be collected and encoded."""
-        groups = [group for group in self._groups() if group.metrics]
-        try:
-            return encoder(_Collected([*groups, *self._own_groups()]))
-        except Exception:
-            pass
-        # Rarely taken: find the groups the encoder rejects, one at a time.
-        groups = [group for group in groups if self._encodes(encoder, group)]
-        return encoder(_Collected([*groups, *self._own_groups()]))
-
-    def _groups(self) -> Iterator[_Group]:
-        target_info = self._target_info()
-        if target_info is not None:
-            yield target_info
-        for collector in self._collectors():
-            yield from self._collect(collector)
-
-    def _own_groups(self) -> list[_Group]:
-        """The scrape-error counter, collected last so it includes this scrape's failures."""
-        if _multiprocess():
-            return []  # it is in this process's files, merged with the others
-        return list(self._collect(self._failures.counter))
-
-    def _collectors(self) -> list[Collector]:
-        if _multiprocess():
-            return [_ProcessFiles(os.environ["PROMETHEUS_MULTIPROC_DIR"], self._failures)]
-        # prometheus-client has no public way to list a registry's collectors, and its own
-        # collect() stops at the first one that raises.
-        with self._registry._lock:
-            collectors = dict(self._registry._collector_to_names)
-        collectors.pop(self._failures.counter, None)
-        return [c for c, names in collectors.items() if self._wanted(names)]
-
-    def _wanted(self, names: Sequence[str]) -> bool:
-        """Whether to run a collector that describes ``names`` (none: unknown until run)."""
-        return self._names is None or not names or not self._names.isdisjoint(names)
-
-    def _collect(self, collector: Collector) -> Iterator[_Group]:
-        name = type(collector).__name__
-        try:
-            metrics = list(collector.collect())
-        except Exception as error:
-            self._failures.record(name, error)
-            return
-        yield _Group(name, [m for m in map(self._restricted, metrics) if m is not None])
-
-    def _encodes(self, encoder: Encoder, group: _Group) -> bool:
-        try:
-            encoder(_Collected([group]))
-        except Exception as error:
-            self._failures.record(group.collector, error)
-            return False
-        return True
-
-    def _restricted(self, metric: Metric) -> Metric | None:
-        """``metric`` with only the wanted samples, or ``None`` if none is wanted."""
-        if self._names is None:
-            return metric
-        samples = [sample for sample in metric.samples if sample.name in self._names]
-        if not samples:
-            return None
-        restricted = Metric(metric.name, metric.documentation, metric.type, metric.unit)
-        restricted.samples = samples
-        return restricted
-
-    def _target_info(self) -> _Group | None:
-        labels = None if _multiprocess() else self._registry.get_target_info()
-        if not labels:
-            return None
-        metric = Metric("target", "Target metadata", "info")
-        metric.add_sample("target_info", labels, 1)
-        restricted = self._restricted(metric)
-        return None if restricted is None else _Group("target_info", [restricted])
-
-
-class _ProcessFiles:
-    """The multiprocess collector, skipping the files it cannot read instead of failing."""
-
-    def __init__(self, path: str, failures: _ScrapeFailures) -> None:
-        self._path = path
-        self._failures = failures
-
-    def collect(self) -> Iterable[Metric]:
-        files = glob.glob(os.path.join(self._path, "*.db"))
-        try:
-            return MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call,no-any-return]
-        except Exception:
-            readable = [path for path in files if self._readable(path)]
-            return MultiProcessCollector.merge(readable)  # type: ignore[no-untyped-call,no-any-return]
-
-    def _readable(self, path: str) -> bool:
-        try:
-            MultiProcessCollector.merge([path])  # type: ignore[no-untyped-call]
-        except FileNotFoundError:
-            return False  # removed since the listing (a dead process's live gauges)
-        except Exception as error:
-            self._failures.record(_MULTIPROCESS_FILES, error, file=os.path.basename(path))
-            return False
-        return True
-
-
-def _multiprocess() -> bool:
-    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        """Whether ``authorization`` (the raw header value) carries the token; the scheme is
+        case-insensitive, as HTTP says."""
+        scheme, _, credentials = authorization.partition(b" ")
+        token_matches = hmac.compare_digest(self.digest(credentials), self._expected)
+        return token_matches and scheme.lower() == b"bearer"
 
 
 def metrics_app(

@@ -247,3 +247,97 @@ async def test_the_token_comparison_never_depends_on_lengths(
     assert statuses == [401] * (len(sent) - 1) + [200, 401]
     assert len(compared) == len(sent) + 1  # every request compared, once
     assert set(compared) == {(32, 32)}
+
+
+async def test_the_bearer_scheme_is_case_insensitive(registry: CollectorRegistry) -> None:
+    async with client(metrics_app(registry, token=TOKEN)) as http:
+        statuses = [
+            (await http.get("/metrics", headers={"Authorization": f"{scheme} {TOKEN}"})).status_code
+            for scheme in ("Bearer", "bearer", "BEARER")
+        ]
+
+    assert [200, 200, 200] == statuses
+
+
+# --- the middleware's own families are rendered on the event loop, in slices ---------------
+
+
+def with_traffic(registry: CollectorRegistry, routes: int = 30) -> PerfMonMiddleware:
+    middleware = PerfMonMiddleware(Starlette(), registry=registry, loop_monitor=False)
+    metrics = middleware._metrics
+    for number in range(routes):
+        for status in (200, 404, 500):
+            series = metrics.series("GET", f"/route{number}/{{id}}")
+            series.active.inc()
+            series.record(status, 0.02 * number, 0.001, 10, 2000, {"request_id": f"r{number}"})
+    return middleware
+
+
+@pytest.mark.parametrize("accept", ["text/plain", OPENMETRICS])
+async def test_the_scrape_has_exactly_prometheus_clients_samples(
+    registry: CollectorRegistry, accept: str
+) -> None:
+    """Rendered on the loop or collected in the thread: the same samples as prometheus-client
+    gives for the same registry, in a valid exposition."""
+    from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+    from prometheus_client.parser import text_string_to_metric_families as text_parse
+
+    with_traffic(registry)
+    async with client(metrics_app(registry)) as http:
+        scraped = (await http.get("/metrics", headers={"Accept": accept})).text
+    reference = (openmetrics_latest if accept == OPENMETRICS else generate_latest)(registry)
+    parse = om_parse if accept == OPENMETRICS else text_parse
+
+    def samples(text: str) -> set[Any]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value, repr(s.exemplar))
+            for family in parse(text)
+            for s in family.samples
+        }
+
+    assert samples(reference.decode()) == samples(scraped)
+    assert sorted(reference.decode().splitlines()) == sorted(scraped.splitlines())
+
+
+@pytest.mark.parametrize(("slice_seconds", "lets_the_loop_run"), [(0.0, True), (60.0, False)])
+async def test_the_loop_families_are_rendered_in_slices_between_which_the_loop_runs(
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    slice_seconds: float,
+    lets_the_loop_run: bool,
+) -> None:
+    """Each slice of rendering gives the loop back, so a big scrape cannot stall requests."""
+    import asyncio
+
+    from asgi_perfmon import _scrape
+
+    monkeypatch.setattr(_scrape, "LOOP_SLICE_SECONDS", slice_seconds)
+    with_traffic(registry, routes=200)
+    ticks = 0
+    rendering = True
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while rendering:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    ticks = 0
+    failures = _scrape.scrape_failures(registry)
+    text = await _scrape.loop_exposition(registry, failures, openmetrics=False)
+    rendering = False
+    await task
+
+    chunks = sum(
+        len(list(family.exposition(openmetrics=False)))
+        for family in _scrape.loop_families(registry)
+    )
+    assert text.count("http_server_request_duration_seconds_count") == 600
+    if lets_the_loop_run:
+        assert ticks >= chunks - 1
+    else:
+        assert ticks == 0
