@@ -176,6 +176,7 @@ def run(output: Path, *, seconds: float | None = None, smoke: bool = False) -> d
     """Run the soak, write ``soak[-smoke].json/.md/.png`` into ``output``; the results."""
     setting = settings(seconds or (SMOKE_SECONDS if smoke else DEFAULT_SECONDS))
     stem = "soak-smoke" if smoke else "soak"
+    host = machine.describe()  # before the servers import the code it names
     with tempfile.TemporaryDirectory(prefix="perfmon-soak-") as work:
         log_file = Path(work) / "app.log"
         with servers(log_file) as server:
@@ -184,10 +185,10 @@ def run(output: Path, *, seconds: float | None = None, smoke: bool = False) -> d
         log_lines = _count_events(log_file)
     tally = soak.tally
     results = {
-        "machine": machine.describe(),
+        "machine": {**host, "revision_at_end": machine.revision()},
         "settings": {
             **setting,
-            "concurrency": 8,
+            "concurrency": soak_traffic.CONCURRENCY,
             "hostile_share": soak_traffic.HOSTILE_SHARE,
             "app_env": APP_ENV,
         },
@@ -322,10 +323,13 @@ def markdown(results: dict[str, Any]) -> str:
     host, setting, totals = results["machine"], results["settings"], results["totals"]
     statuses = ", ".join(f"{code}: {n:,}" for code, n in totals["statuses"].items())
     events = ", ".join(f"{name} {n:,}" for name, n in totals["log_events"].items())
+    revision = host.get("revision") or "unknown"
+    if host.get("revision_at_end", revision) != revision:
+        revision += f" (at the end: {host['revision_at_end']}; the code changed during the run)"
     lines = [
         "# Soak: the example app under mixed and hostile traffic",
         "",
-        f"- **Run**: {host['date']}, asgi-perfmon at {host.get('revision') or 'unknown'}; "
+        f"- **Run**: {host['date']}, asgi-perfmon at {revision}; "
         f"{host['cpu']}, {host['cores']} cores (shared), {host['python']}; load average at "
         f"start {' / '.join(str(v) for v in host['load_average_at_start'])}",
         f"- **Setup**: `example_app` under uvicorn (one worker, no access log) on PostgreSQL, "

@@ -1,9 +1,11 @@
-"""The benchmark runs end to end (``python -m benchmarks --smoke``); no speed is asserted."""
+"""The benchmark runs end to end (``python -m benchmarks --smoke``, and a few seconds of the
+soak); no speed is asserted."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,46 @@ def test_targets_and_pool_section(smoke_run: tuple[dict[str, Any], str, Path]) -
     assert pool["status"] in ("ok", "missing", "failed")
     if pool["status"] == "ok":
         assert (output / "pool_cache.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.uvicorn
+@pytest.mark.postgres
+def test_soak_samples_the_server_and_gives_a_verdict(postgres_dsn: str, tmp_path: Path) -> None:
+    """A few seconds of the soak (``--only soak``): samples, verdict fields, report, chart."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "soak", "--soak-seconds", "4",
+         "--output", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PERFMON_TEST_DSN": postgres_dsn},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "soak.json").read_text())
+
+    samples = results["samples"]
+    assert len(samples) >= 5
+    assert [s["t_s"] for s in samples] == sorted({s["t_s"] for s in samples})
+    for sample in samples:
+        for field in ("rss_bytes", "series", "requests", "server_requests", "errors", "threads"):
+            assert _number(sample[field]), (field, sample)
+        assert sample["rss_bytes"] > 10 * 1024 * 1024
+        assert sample["series"] > 100
+    assert samples[-1]["requests"] > samples[0]["requests"]
+    assert samples[-1]["hostile_requests"] > 0
+    assert {"404", "405"} <= set(results["totals"]["statuses"])
+
+    verdict = results["verdict"]
+    for part in ("rss", "series", "errors"):
+        assert verdict[part]["pass"] in (True, False)
+    assert verdict["pass"] == all(verdict[part]["pass"] for part in ("rss", "series", "errors"))
+    for field in ("slope_kib_per_min", "fitted_growth_kib", "max_minus_min_kib"):
+        assert _number(verdict["rss"][field])
+    assert _number(verdict["series"]["max_minus_min"])
+    assert verdict["series"]["from_input"] == []  # hostile paths, methods and ids never label
+
+    markdown = (tmp_path / "soak.md").read_text()
+    assert "**Verdict: " in markdown
+    assert "## Samples" in markdown
+    if results["chart"]:
+        assert (tmp_path / results["chart"]).stat().st_size > 1000
+    assert not (tmp_path / "results.json").exists()  # the soak keeps to its own files
