@@ -150,7 +150,7 @@ class RouteResolver:
         template = self._cache.get(key)
         if template is None:
             template = self._resolve_uncached(routes, scope)
-            if _key_chars(key) > MAX_CACHED_PATH_CHARS:
+            if len(scope["path"]) + len(key[1] or "") + len(key[-1]) > MAX_CACHED_PATH_CHARS:
                 return template
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()  # cheaper than LRU bookkeeping; refills from hot paths
@@ -235,10 +235,6 @@ try:  # the router's own notion of the path, which changed across Starlette vers
     from starlette._utils import get_route_path as _router_path
 except ImportError:  # pragma: no cover - a Starlette without it
     _router_path = route_path
-
-
-def _key_chars(key: tuple[Any, ...]) -> int:
-    return sum(len(part) for part in key[1:] if part)
 
 
 def _cache_key(scope: Scope) -> tuple[Any, ...]:
