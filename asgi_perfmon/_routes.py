@@ -130,7 +130,8 @@ def _mount_prefix(route: Any) -> str:
 
 
 class RouteResolver:
-    """Resolves route templates, remembering the last ``cache_size`` answers."""
+    """Resolves route templates, remembering up to ``cache_size`` answers for paths without
+    parameters (the same few static paths come back on every request)."""
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self._cache_size = cache_size
@@ -150,6 +151,10 @@ class RouteResolver:
         template = self._cache.get(key)
         if template is None:
             template = self._resolve_uncached(routes, scope)
+            if "{" in template or template == UNMATCHED:
+                # A parametrized path rarely repeats (new ids all the time) and an unmatched
+                # one may be anything: caching them costs more than it saves.
+                return template
             if len(scope["path"]) + len(key[1] or "") + len(key[-1]) > MAX_CACHED_PATH_CHARS:
                 return template
             if len(self._cache) >= self._cache_size:

@@ -245,7 +245,8 @@ def test_websocket_route_template(static_dir: Path, registry: CollectorRegistry)
 
 
 async def test_route_resolution_is_cached(static_dir: Path, registry: CollectorRegistry) -> None:
-    """Repeated requests for one path are answered from the resolver's bounded cache."""
+    """Repeated requests for a static path are answered from the resolver's bounded cache;
+    parametrized and unmatched paths, which rarely repeat, are matched every time."""
     app = fastapi_app(static_dir)
     middleware = PerfMonMiddleware(app, registry=registry)
     calls = 0
@@ -259,10 +260,14 @@ async def test_route_resolution_is_cached(static_dir: Path, registry: CollectorR
     middleware._routes._resolve_uncached = counting  # type: ignore[method-assign]
     async with client(middleware) as http:
         for _ in range(5):
+            await http.post("/catalog/items")
+        await http.get("/catalog/items")  # another method: another key (a 405 here)
+        for _ in range(3):
             await http.get("/users/1")
-        await http.get("/users/2")
+            await http.get("/nowhere")
 
-    assert calls == 2
+    assert calls == 2 + 3 + 3
+    assert 2 == len(middleware._routes._cache)
 
 
 async def test_route_that_raises_in_matches_never_breaks_the_request(
