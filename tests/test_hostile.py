@@ -359,9 +359,10 @@ async def test_50000_distinct_hostile_requests_keep_series_and_memory_flat(
     """After a warm-up, 49,152 more distinct hostile requests add no series and no memory.
 
     The only state meant to vary is the route cache (bounded by its size, and by not caching
-    long paths), so it is emptied before each measurement. Keeping one small object per request would add 49,152 allocated
-    blocks and several MB (the paths alone average 150 bytes): the tolerances, 1,000 blocks
-    and 2 MB of RSS, are far below that and above the interpreter's own noise.
+    long paths), so it is emptied before each measurement. Keeping one small object per
+    request would add 49,152 allocated blocks and several MB (the paths alone average 150
+    bytes): the tolerances, 1,000 blocks and 2 MB of RSS, are far below that and above the
+    interpreter's own noise.
     """
     middleware = PerfMonMiddleware(target_app(), registry=registry, loop_monitor=False)
     statuses: set[int | None] = set()

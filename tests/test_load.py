@@ -541,7 +541,7 @@ def test_multiprocess_totals_stay_exact_when_workers_die_and_are_replaced(
         assert f"Child process [{victim}] died" in log
 
 
-def test_a_killed_workers_requests_in_flight_leave_the_active_gauge_once_it_is_gone(tmp_path: Path) -> None:
+def test_a_killed_workers_requests_in_flight_leave_the_active_gauge(tmp_path: Path) -> None:
     """A worker holding a request is killed; once it is replaced, nothing is in flight."""
     with two_workers(tmp_path) as server:
         original = both_workers(server.url)
