@@ -11,6 +11,7 @@ MIN_PY := $(MIN_VENV)/bin/python
 MIN_PINS := fastapi==0.115.0 starlette==0.37.2 prometheus-client==0.20.0 structlog==23.1.0 \
 	httpx==0.27.2 anyio==4.4.0 pytest==8.3.3 pytest-asyncio==0.24.0
 MIN_TESTS := tests/test_routes.py tests/test_middleware.py tests/test_endpoint.py \
+	tests/test_custom_labels.py \
 	tests/test_config.py tests/test_public_api.py
 PYTEST_ARGS ?=
 
