@@ -45,19 +45,9 @@ from asgi_perfmon import context  # noqa: E402
 from asgi_perfmon.cache import cached  # noqa: E402
 from asgi_perfmon.context import RequestContext  # noqa: E402
 from asgi_perfmon.pool import instrument_pool  # noqa: E402
-from tests._postgres import start_postgres  # noqa: E402
+from tests._postgres import dsn_of_any_server  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "pool_cache.json"
-
-
-@contextlib.contextmanager
-def _postgres_dsn() -> Iterator[str]:
-    external = os.environ.get("PERFMON_TEST_DSN")
-    if external:
-        yield external
-        return
-    with start_postgres() as cluster:
-        yield cluster.dsn
 
 
 @contextlib.contextmanager
@@ -254,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.rounds, args.queries, args.calls = 3, 200, 20_000
 
-    with _postgres_dsn() as dsn:
+    with dsn_of_any_server() as dsn:
         pool_wall, pool_cpu = asyncio.run(_pool_rounds(dsn, args.rounds, args.queries))
         isolated = asyncio.run(_instrumentation_work_us(dsn, args.calls // 10))
     cache_timings = asyncio.run(_cache_rounds(args.rounds, args.calls))

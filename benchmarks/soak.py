@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, soak_traffic
+from tests._postgres import dsn_of_any_server
 from tests._uvicorn import RunningServer, start_uvicorn
 
 DEFAULT_SECONDS = 600.0
@@ -66,24 +66,12 @@ def settings(seconds: float) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _postgres_dsn() -> Iterator[str]:
-    external = os.environ.get("PERFMON_TEST_DSN")
-    if external:
-        yield external
-        return
-    from tests._postgres import start_postgres
-
-    with start_postgres() as cluster:
-        yield cluster.dsn
-
-
-@contextlib.contextmanager
 def servers(
     log_file: Path, *, app: str = APP, env: dict[str, str] | None = None
 ) -> Iterator[RunningServer]:
     """The upstream stand-in and the example app (``app``), stopped gracefully on exit."""
     with (
-        _postgres_dsn() as dsn,
+        dsn_of_any_server() as dsn,
         start_uvicorn(UPSTREAM, args=["--no-access-log"], ready_path="/health") as upstream,
     ):
         app_env = {

@@ -187,17 +187,24 @@ def start_postgres(bin_dir: Path | None = None) -> Iterator[PostgresCluster]:
         cluster.destroy()
 
 
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """The DSN of a PostgreSQL server shared by the test session."""
+@contextmanager
+def dsn_of_any_server() -> Iterator[str]:
+    """``PERFMON_TEST_DSN`` if set, else the DSN of a throwaway cluster started for the block."""
     external = os.environ.get("PERFMON_TEST_DSN")
     if external:
         yield external
         return
-    if find_bin_dir() is None:
-        pytest.skip("no PostgreSQL server: set PERFMON_TEST_DSN or install the server binaries")
     with start_postgres() as cluster:
         yield cluster.dsn
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """The DSN of a PostgreSQL server shared by the test session."""
+    if not os.environ.get("PERFMON_TEST_DSN") and find_bin_dir() is None:
+        pytest.skip("no PostgreSQL server: set PERFMON_TEST_DSN or install the server binaries")
+    with dsn_of_any_server() as dsn:
+        yield dsn
 
 
 @pytest.fixture
