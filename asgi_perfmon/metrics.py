@@ -29,11 +29,6 @@ _HTTP = ("http_request_method", "http_route")
 _MAX_CACHED_SERIES = 10_000
 
 
-def normalize_method(method: str) -> str:
-    """``method`` if it is a standard HTTP method, else ``_OTHER``."""
-    return method if method in STANDARD_METHODS else OTHER_METHOD
-
-
 def validate_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
     """Raise ``ValueError`` unless ``buckets`` are finite, positive and increasing."""
     values = tuple(float(b) for b in buckets)
