@@ -81,8 +81,7 @@ class ExemplarLabeller:
     def labels(self, scope: Scope, request_id: str) -> dict[str, str] | None:
         """The exemplar's labels, or None when not even the request id fits."""
         labels = self._extra_labels(scope)
-        size = sum(len(name) + len(value) for name, value in labels.items())
-        if size + len("request_id") + len(request_id) <= MAX_EXEMPLAR_CHARS:
+        if _size(labels) + len("request_id") + len(request_id) <= MAX_EXEMPLAR_CHARS:
             labels["request_id"] = request_id
         return labels or None
 
@@ -97,12 +96,17 @@ class ExemplarLabeller:
                     raise ValueError(f"invalid exemplar label name {name!r}")
                 if not isinstance(value, str):
                     raise TypeError(f"exemplar label {name!r} is {type(value).__name__}, not str")
-            if sum(len(name) + len(value) for name, value in labels.items()) > MAX_EXEMPLAR_CHARS:
+            if _size(labels) > MAX_EXEMPLAR_CHARS:
                 raise ValueError(f"exemplar labels over {MAX_EXEMPLAR_CHARS} characters")
         except Exception as error:
             self._failures.record("exemplar_callback", error)
             return {}
         return labels
+
+
+def _size(labels: dict[str, str]) -> int:
+    """Characters of label names and values, as OpenMetrics counts them for its limit."""
+    return sum(len(name) + len(value) for name, value in labels.items())
 
 
 def _check_label(name: object, value: object) -> None:

@@ -49,11 +49,9 @@ class RouteSeries:
         "active",
         "exceptions",
         "labels",
-        "method",
         "next_exemplar_at",
         "request_size",
         "response_size",
-        "route",
         "slow",
         "time_to_first_byte",
     )
@@ -61,8 +59,6 @@ class RouteSeries:
     def __init__(
         self, metrics: HttpMetrics, method: str, route: str, custom: tuple[str, ...] = ()
     ) -> None:
-        self.method = method
-        self.route = route
         self.labels = (method, route, *custom)
         """The label values every family of the request starts with."""
         self.active: Any = metrics.active.labels(*self.labels)
