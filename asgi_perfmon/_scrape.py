@@ -1,12 +1,17 @@
 """What one scrape of ``/metrics`` collects, and how it survives what goes wrong.
 
-- Each collector is collected (and, if the encoder rejects what it returned, encoded) on its
-  own, so one that raises is left out of that scrape while every other metric is served. The
+- Each collector is collected and encoded on its own, so one that raises (or returns what the
+  encoder rejects) is left out of that scrape while every other metric is served. The
   failure counts ``asgi_perfmon_scrape_errors_total{collector}`` and is logged once per
   collector and error type.
-- The middleware's lock-free families (``_loopmetrics``) are rendered by
-  :func:`loop_exposition` on the event loop, a millisecond at a time, so a scrape of ten
-  thousand series never holds the loop (or, from a worker thread, the GIL) for long.
+- In a single process everything runs on the event loop, in slices of about a millisecond
+  (:class:`LoopSlices`): the middleware's lock-free families (``_loopmetrics``) by
+  :func:`loop_exposition`, then the other collectors one at a time
+  (:meth:`Scrape.pieces`), then gzip. No worker thread competes with the loop for the GIL:
+  one holds it for up to the interpreter's switch interval (5 ms) after the loop asks, and
+  encoding and joining a megabyte of text are single calls it cannot be interrupted in.
+  A single collector that is slow by itself (a user's collector taking 20 ms) still holds
+  the loop for as long as it takes: the loop turns between collectors, not inside one.
 - In multiprocess mode an unreadable file in ``PROMETHEUS_MULTIPROC_DIR`` (one left empty by a
   crashed worker) is skipped the same way, as collector ``MultiProcessCollector``; the live
   gauges of a dead worker are removed (``mark_process_dead``), so a killed worker's in-flight
@@ -36,6 +41,7 @@ from asgi_perfmon._loopmetrics import LoopFamily
 from asgi_perfmon._registry import metric_name, resolve_namespace, shared
 
 MULTIPROCESS_FILES = "MultiProcessCollector"
+OPENMETRICS_EOF = b"# EOF\n"
 LOOP_SLICE_SECONDS = 0.001
 """How long the loop-side rendering runs before it lets the event loop run again."""
 
@@ -44,30 +50,50 @@ _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]*_(\d+)\.db")
 Encoder = Callable[[Collector], bytes]
 
 
+class LoopSlices:
+    """Work on the event loop a slice at a time.
+
+    ``await slices.pause()`` between two steps gives the loop back once the current slice
+    has run for ``LOOP_SLICE_SECONDS``, so other requests wait at most about one slice plus
+    one step.
+    """
+
+    def __init__(self) -> None:
+        self._deadline = time.perf_counter() + LOOP_SLICE_SECONDS
+
+    async def pause(self) -> None:
+        """Let the loop run if this slice is used up."""
+        if time.perf_counter() >= self._deadline:
+            await anyio.lowlevel.checkpoint()
+            self._deadline = time.perf_counter() + LOOP_SLICE_SECONDS
+
+
 async def loop_exposition(
-    registry: CollectorRegistry, failures: ScrapeFailures, *, openmetrics: bool
-) -> str:
+    registry: CollectorRegistry,
+    failures: ScrapeFailures,
+    slices: LoopSlices,
+    *,
+    openmetrics: bool,
+) -> list[bytes]:
     """The exposition of ``registry``'s lock-free families, rendered on the event loop.
 
-    The loop is the thread that records them, so every child is read whole; between slices of
-    ``LOOP_SLICE_SECONDS`` the loop serves requests. A family whose rendering fails is left
-    out whole, like a collector that raises.
+    The loop is the thread that records them, so every child is read whole; between slices
+    the loop serves requests. The text comes in small encoded pieces, never joined here: one
+    join of a megabyte holds the loop for a millisecond. A family whose rendering fails is
+    left out whole, like a collector that raises.
     """
-    parts: list[str] = []
-    deadline = time.perf_counter() + LOOP_SLICE_SECONDS
+    pieces: list[bytes] = []
     for family in loop_families(registry):
-        rendered: list[str] = []
+        rendered: list[bytes] = []
         try:
             for chunk in family.exposition(openmetrics=openmetrics):
-                rendered.append(chunk)
-                if time.perf_counter() >= deadline:
-                    await anyio.lowlevel.checkpoint()
-                    deadline = time.perf_counter() + LOOP_SLICE_SECONDS
+                rendered.append(chunk.encode())
+                await slices.pause()
         except Exception as error:
             failures.record(type(family).__name__, error)
             continue
-        parts.extend(rendered)
-    return "".join(parts)
+        pieces.extend(rendered)
+    return pieces
 
 
 def loop_families(registry: CollectorRegistry) -> list[LoopFamily]:
@@ -167,16 +193,17 @@ class Scrape:
         self._names = names
         self._without_loop_families = without_loop_families
 
-    def encode(self, encoder: Encoder) -> bytes:
-        """The exposition of every collector that could be collected and encoded."""
-        groups = [group for group in self._groups() if group.metrics]
-        try:
-            return encoder(_Collected([*groups, *self._own_groups()]))
-        except Exception:
-            pass
-        # Rarely taken: find the groups the encoder rejects, one at a time.
-        groups = [group for group in groups if self._encodes(encoder, group)]
-        return encoder(_Collected([*groups, *self._own_groups()]))
+    def pieces(self, encoder: Encoder) -> Iterator[bytes]:
+        """The exposition, one collector per piece, collected and encoded only when the next
+        piece is asked for (so the caller may let the loop run in between).
+
+        Target info comes first and the scrape-error counter last, so it counts this scrape's
+        failures. OpenMetrics' closing ``# EOF`` is left out: the caller ends the body.
+        """
+        for group in self._groups():
+            piece = self._encoded(encoder, group)
+            if piece:
+                yield piece
 
     def _groups(self) -> Iterator[_Group]:
         target_info = self._target_info()
@@ -184,6 +211,7 @@ class Scrape:
             yield target_info
         for collector in self._collectors():
             yield from self._collect(collector)
+        yield from self._own_groups()
 
     def _own_groups(self) -> list[_Group]:
         """The scrape-error counter, collected last so it includes this scrape's failures."""
@@ -216,13 +244,15 @@ class Scrape:
             return
         yield _Group(name, [m for m in map(self._restricted, metrics) if m is not None])
 
-    def _encodes(self, encoder: Encoder, group: _Group) -> bool:
+    def _encoded(self, encoder: Encoder, group: _Group) -> bytes:
+        """``group`` encoded, without ``# EOF``; empty if the encoder rejects it."""
         try:
-            encoder(_Collected([group]))
+            encoded = encoder(_Collected([group]))
         except Exception as error:
             self._failures.record(group.collector, error)
-            return False
-        return True
+            return b""
+        # Each call of the OpenMetrics encoder ends its output so; the text format never does.
+        return encoded.removesuffix(OPENMETRICS_EOF)
 
     def _restricted(self, metric: Metric) -> Metric | None:
         """``metric`` with only the wanted samples, or ``None`` if none is wanted."""

@@ -10,6 +10,10 @@ import hashlib
 import hmac
 import os
 import secrets
+import struct
+import time
+import zlib
+from dataclasses import dataclass
 
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
@@ -18,11 +22,21 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from asgi_perfmon._registry import resolve_registry
-from asgi_perfmon._scrape import Encoder, Scrape, loop_exposition, multiprocess, scrape_failures
+from asgi_perfmon._scrape import (
+    OPENMETRICS_EOF,
+    Encoder,
+    LoopSlices,
+    Scrape,
+    loop_exposition,
+    multiprocess,
+    scrape_failures,
+)
 from asgi_perfmon._types import Receive, Scope, Send
 
 _MIN_GZIP_BYTES = 1024
-_OPENMETRICS_EOF = b"# EOF\n"
+_GZIP_LEVEL = 6
+_GZIP_STEP = 16 * 1024
+"""Bytes compressed per step on the loop: a fraction of a millisecond at level 6."""
 
 
 class MetricsApp:
@@ -66,17 +80,16 @@ class MetricsApp:
                 "Unauthorized", 401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'}
             )
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        names = set(request.query_params.getlist("name[]")) or None
-        on_loop = None
-        if names is None and not multiprocess():
-            on_loop = await loop_exposition(
-                self._registry,
-                self._failures,
-                openmetrics=content_type.startswith("application/openmetrics-text"),
-            )
-        body, gzipped = await anyio.to_thread.run_sync(
-            self._render, encoder, names, on_loop, self._gzip_accepted(request)
+        scrape = _ScrapeRequest(
+            encoder=encoder,
+            names=set(request.query_params.getlist("name[]")) or None,
+            openmetrics=content_type.startswith("application/openmetrics-text"),
+            gzip_accepted=self._gzip_accepted(request),
         )
+        if multiprocess():
+            body, gzipped = await anyio.to_thread.run_sync(self._render_in_thread, scrape)
+        else:
+            body, gzipped = await self._render_on_loop(scrape)
         headers = {
             "Content-Type": content_type,
             "Cache-Control": "no-store",
@@ -97,26 +110,82 @@ class MetricsApp:
             return False
         return "gzip" in request.headers.get("accept-encoding", "").lower()
 
-    def _render(
-        self, encoder: Encoder, names: set[str] | None, on_loop: str | None, gzip_accepted: bool
-    ) -> tuple[bytes, bool]:
-        """Collect, encode and compress in a worker thread (collectors may block; zlib
-        releases the GIL while it compresses). ``on_loop``: the lock-free families, already
-        rendered on the event loop."""
-        scrape = Scrape(
-            self._registry, self._failures, names, without_loop_families=on_loop is not None
+    async def _render_on_loop(self, scrape: _ScrapeRequest) -> tuple[bytes, bool]:
+        """Collect, encode and compress on the event loop, a slice at a time (see ``_scrape``).
+
+        The lock-free families are rendered first, then the other collectors, one per step;
+        a collector that is slow by itself holds the loop for as long as it takes.
+        """
+        slices = LoopSlices()
+        rendered = scrape.names is None  # filtered scrapes collect them like any other
+        on_loop: list[bytes] = []
+        if rendered:
+            on_loop = await loop_exposition(
+                self._registry, self._failures, slices, openmetrics=scrape.openmetrics
+            )
+        pieces = []
+        collected = Scrape(
+            self._registry, self._failures, scrape.names, without_loop_families=rendered
         )
-        body = scrape.encode(encoder)
-        if on_loop:
-            rendered = on_loop.encode()
-            if body.endswith(_OPENMETRICS_EOF):
-                body = body[: -len(_OPENMETRICS_EOF)] + rendered + _OPENMETRICS_EOF
-            else:
-                body += rendered
-        gzipped = gzip_accepted and len(body) >= _MIN_GZIP_BYTES
-        if gzipped:
-            body = gzip.compress(body, compresslevel=6)
-        return body, gzipped
+        for piece in collected.pieces(scrape.encoder):
+            pieces.append(piece)
+            await slices.pause()
+        pieces += on_loop
+        if scrape.openmetrics:
+            pieces.append(OPENMETRICS_EOF)
+        if not scrape.gzips(pieces):
+            return b"".join(pieces), False
+        return await _gzip(pieces, slices), True
+
+    def _render_in_thread(self, scrape: _ScrapeRequest) -> tuple[bytes, bool]:
+        """Multiprocess mode: merging the processes' files is file I/O, done in a worker thread
+        (zlib releases the GIL while it compresses)."""
+        pieces = list(Scrape(self._registry, self._failures, scrape.names).pieces(scrape.encoder))
+        if scrape.openmetrics:
+            pieces.append(OPENMETRICS_EOF)
+        body = b"".join(pieces)
+        if not scrape.gzips(pieces):
+            return body, False
+        return gzip.compress(body, compresslevel=_GZIP_LEVEL), True
+
+
+@dataclass(frozen=True)
+class _ScrapeRequest:
+    """What one scrape asked for."""
+
+    encoder: Encoder
+    names: set[str] | None
+    openmetrics: bool
+    gzip_accepted: bool
+
+    def gzips(self, pieces: list[bytes]) -> bool:
+        """Whether to compress a body made of ``pieces``."""
+        return self.gzip_accepted and sum(map(len, pieces)) >= _MIN_GZIP_BYTES
+
+
+async def _gzip(pieces: list[bytes], slices: LoopSlices) -> bytes:
+    """``gzip.compress(b"".join(pieces), compresslevel=6)``, byte for byte, compressed a step
+    of ``_GZIP_STEP`` bytes at a time so that the loop can run in between."""
+    compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    compressed = [_gzip_header()]
+    crc = size = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), _GZIP_STEP):
+            step = view[start : start + _GZIP_STEP]
+            compressed.append(compressor.compress(step))
+            crc = zlib.crc32(step, crc)
+            await slices.pause()
+        size += len(piece)
+    compressed.append(compressor.flush())
+    compressed.append(struct.pack("<LL", crc, size & 0xFFFFFFFF))
+    return b"".join(compressed)
+
+
+def _gzip_header() -> bytes:
+    """The header ``gzip.compress`` writes: deflate, no flags, the time, no extra flags for
+    level 6, unknown OS."""
+    return struct.pack("<BBBBLBB", 0x1F, 0x8B, 8, 0, int(time.time()), 0, 255)
 
 
 class _BearerToken:

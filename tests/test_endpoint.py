@@ -155,27 +155,6 @@ async def test_hidden_from_openapi(registry: CollectorRegistry) -> None:
     assert metrics.status_code == 200
 
 
-async def test_scrape_is_rendered_off_the_event_loop(
-    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Collection runs in a worker thread, so a slow collector does not stall the loop."""
-    import threading
-
-    threads: list[str] = []
-
-    class Probe:
-        def collect(self) -> list[Any]:
-            threads.append(threading.current_thread().name)
-            return []
-
-    registry.register(Probe())  # type: ignore[arg-type]
-    async with client(instrumented(registry)) as http:
-        await http.get("/metrics")
-
-    assert threads
-    assert threading.main_thread().name not in threads
-
-
 # --- the token: every refusal looks the same, and takes the same time ---------------------
 
 TOKEN = "s3cret-token-0123456789"
@@ -328,9 +307,12 @@ async def test_the_loop_families_are_rendered_in_slices_between_which_the_loop_r
     await asyncio.sleep(0)
     ticks = 0
     failures = _scrape.scrape_failures(registry)
-    text = await _scrape.loop_exposition(registry, failures, openmetrics=False)
+    pieces = await _scrape.loop_exposition(
+        registry, failures, _scrape.LoopSlices(), openmetrics=False
+    )
     rendering = False
     await task
+    text = b"".join(pieces).decode()
 
     chunks = sum(
         len(list(family.exposition(openmetrics=False)))
