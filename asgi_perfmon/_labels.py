@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from asgi_perfmon._logging import log_safely
-from asgi_perfmon._loopmetrics import LoopFamily
+from asgi_perfmon._loopmetrics import LoopFamily, ValueChild
 from asgi_perfmon._registry import metric_name, shared
 
 OVERFLOW = "__overflow__"
@@ -151,12 +151,19 @@ class BoundedFamilies:
             )
         return self._bounded(metric, full, len(labels))
 
-    def gauge(self, name: str, documentation: str, labels: Sequence[str]) -> BoundedLabels[Any]:
-        """A gauge summed over the live processes in multiprocess mode."""
+    def gauge(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        count: Callable[[], Iterable[ValueChild]] | None = None,
+    ) -> BoundedLabels[Any]:
+        """A gauge summed over the live processes in multiprocess mode; with ``count``, one
+        computed when scraped in loop-local mode (see ``LoopFamily``)."""
         full = metric_name(self._namespace, name)
         metric: Any
         if self._loop_local:
-            metric = LoopFamily(self._registry, "gauge", full, documentation, labels)
+            metric = LoopFamily(self._registry, "gauge", full, documentation, labels, count=count)
         else:
             metric = Gauge(
                 full, documentation, labels, registry=self._registry, multiprocess_mode="livesum"

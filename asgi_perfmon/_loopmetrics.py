@@ -4,8 +4,9 @@ prometheus-client guards every update with a lock and validates on every call: a
 locked increments and thirty function calls per request for the middleware's four histograms
 and one gauge. The middleware records only from the event loop thread, so plain integer and
 float updates are exact there; these families keep them and build the exposition when
-scraped. A scrape runs in a worker thread and may see a request half-recorded (its count but
-not yet its sum); the next scrape is exact again.
+scraped. In a single process the ``/metrics`` endpoint reads them on the event loop, so every
+child is read whole; ``collect()`` from another thread (a plain prometheus-client exporter) may
+see a request half-recorded (its count but not yet its sum), and the next scrape is exact.
 
 Multiprocess mode needs prometheus-client's shared-memory values, so the middleware uses these
 families only when ``PROMETHEUS_MULTIPROC_DIR`` is not set.
@@ -19,9 +20,10 @@ second. Rendered on the loop the values are also exact: no request is half-recor
 from __future__ import annotations
 
 import math
+import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -76,7 +78,11 @@ class ValueChild:
 
 
 class LoopFamily:
-    """A labelled family registered as a collector; ``labels()`` is called by ``BoundedLabels``."""
+    """A labelled family registered as a collector; ``labels()`` is called by ``BoundedLabels``.
+
+    A gauge given ``count`` is computed when scraped instead: every child is set to how many
+    times ``count()`` yields it, so the hot path never touches it.
+    """
 
     def __init__(
         self,
@@ -86,8 +92,11 @@ class LoopFamily:
         documentation: str,
         labelnames: Sequence[str],
         buckets: Sequence[float] = (),
+        count: Callable[[], Iterable[ValueChild]] | None = None,
     ) -> None:
         self._kind = kind
+        self._count = count
+        self._count_lock = threading.Lock()
         self._name = name
         self._documentation = documentation
         self._labelnames = list(labelnames)
@@ -111,6 +120,7 @@ class LoopFamily:
         name order, values formatted alike, exemplars in OpenMetrics only. Call it on the
         thread that records (the event loop) so no update interleaves with a child's lines.
         """
+        self._recount()
         kind = self._kind
         sample = f"{self._name}_total" if kind == "counter" else self._name
         family = self._name if openmetrics else sample
@@ -172,7 +182,19 @@ class LoopFamily:
     def describe(self) -> Iterator[Metric]:
         yield self._family()
 
+    def _recount(self) -> None:
+        if self._count is None:
+            return
+        with self._count_lock:  # two scrapes at once must not interleave their counts
+            counted = list(self._count())
+            for child in self._children.values():
+                if isinstance(child, ValueChild):
+                    child.value = 0.0
+            for child in counted:
+                child.value += 1.0
+
     def collect(self) -> Iterator[Metric]:
+        self._recount()
         family = self._family()
         for labels, child in list(self._children.items()):
             if isinstance(child, HistogramChild):

@@ -1,10 +1,13 @@
-"""Route templates for requests, resolved from the incoming scope by re-matching the routes.
+"""Route templates for requests: the route that served the request, or a re-match of its path.
 
 The template is the path with every router and mount prefix and no parameter values
-(``/api/v1/users/{user_id}``). Reading ``scope["route"]`` after the call is not enough: FastAPI
->= 0.137 leaves the include prefixes out of ``route.path`` and does not set it for plain routes
-or mounts. Re-matching a snapshot of the scope with the public ``Route.matches()`` protocol works
-on every Starlette and FastAPI version we support.
+(``/api/v1/users/{user_id}``). ``route.path`` of ``scope["route"]`` is not enough: FastAPI
+>= 0.137 leaves the include prefixes out of it, and does not set ``scope["route"]`` for plain
+routes or mounts. So the route objects are mapped to their full templates once, by walking the
+routes as the router does; a request whose route object is in that map costs one dict lookup.
+Anything else (no route set, a route object reachable under two prefixes, Starlette < 1.7) is
+re-matched from the path it arrived with, through the public ``Route.matches()`` protocol,
+which works on every Starlette and FastAPI version we support.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ UNMATCHED = "__unmatched__"
 """The ``http_route`` of a request that matches no route (404)."""
 
 DEFAULT_CACHE_SIZE = 4096
+MAX_MOUNT_DEPTH = 16
+"""Mounts nested deeper than this are re-matched rather than mapped."""
 MAX_CACHED_PATH_CHARS = 512
 """Longer paths (and methods) are resolved but not cached: a full cache of hostile 64 kB paths
 would hold a quarter of a gigabyte. Real routes are far shorter."""
@@ -110,6 +115,10 @@ class _Index:
             for segment, bucket in buckets.items()
         }
 
+    @property
+    def all(self) -> list[_Candidate]:
+        return self._all
+
     def for_path(self, path: str) -> list[_Candidate]:
         if not path.startswith("/"):
             return self._all
@@ -137,8 +146,64 @@ class RouteResolver:
         self._cache_size = cache_size
         self._cache: dict[tuple[Any, ...], str] = {}
         self._flattened: dict[int, tuple[Sequence[Any], int, _Index]] = {}
+        self._served: dict[int, tuple[Sequence[Any], int, dict[int, tuple[Any, str]]]] = {}
         self._failures = FailureLog()
         self._host_routes = False  # whether the Host header can change the answer
+
+    def served(self, routes: Sequence[Any] | None, scope: Scope) -> str | None:
+        """The template of the route the router stored in ``scope["route"]``, if it is one of
+        ``routes`` (nested ones included) under exactly one template; else None."""
+        route = scope.get("route")
+        if route is None or routes is None:
+            return None
+        known = self._served.get(id(routes))
+        if known is None or known[0] is not routes or known[1] != len(routes):
+            known = self._map_served(routes)
+        entry = known[2].get(id(route))
+        return entry[1] if entry is not None and entry[0] is route else None
+
+    def _map_served(
+        self, routes: Sequence[Any]
+    ) -> tuple[Sequence[Any], int, dict[int, tuple[Any, str]]]:
+        templates: dict[int, tuple[Any, str]] = {}
+        ambiguous: set[int] = set()
+        try:
+            for route, template in self._leaf_templates(routes, "", depth=0):
+                key = id(route)
+                if key in templates and templates[key][1] != template:
+                    ambiguous.add(key)
+                templates[key] = (route, template)
+        except Exception as error:  # a custom route whose attributes raise: re-match instead
+            self._failures.record("route_map", error)
+            templates.clear()
+        for key in ambiguous:
+            del templates[key]
+        known = (routes, len(routes), templates)
+        self._served[id(routes)] = known
+        return known
+
+    def _leaf_templates(
+        self, routes: Sequence[Any], prefix: str, depth: int
+    ) -> Iterable[tuple[Any, str]]:
+        """(route object, template) for every route a router may store in ``scope["route"]``:
+        plain routes, opaque mounts and, under FastAPI's flattening, the original routes."""
+        for candidate in self._candidates(routes).all:
+            route = candidate.route
+            sub_routes = getattr(route, "routes", None)
+            if sub_routes is not None and hasattr(route, "app"):
+                if isinstance(_original(route), Host):
+                    nested = prefix
+                else:
+                    nested = prefix + _mount_prefix(route)
+                if not sub_routes:
+                    yield route, nested + "/{path}"
+                elif depth < MAX_MOUNT_DEPTH:
+                    yield from self._leaf_templates(sub_routes, nested, depth + 1)
+                continue
+            template = prefix + _template(route)
+            yield route, template
+            if _original(route) is not route:
+                yield _original(route), template
 
     def resolve(self, routes: Sequence[Any] | None, scope: Scope) -> str:
         """The template for ``scope`` (taken before the app ran), or ``UNMATCHED``."""

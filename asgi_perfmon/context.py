@@ -9,7 +9,7 @@ on the event loop thread, so the plain ``+=`` updates below need no lock.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MAX_TRACKED_STATEMENTS = 200
@@ -40,22 +40,62 @@ class OperationTotals:
         }
 
 
-@dataclass
 class RequestContext:
-    """What the middleware knows about the request in flight, and what ran inside it."""
+    """What the middleware knows about the request in flight, and what ran inside it.
 
-    request_id: str
-    method: str = ""
-    route: str = ""
-    path: str = ""
-    operations: dict[str, OperationTotals] = field(default_factory=dict)
-    db_queries: int = 0
-    db_errors: int = 0
-    db_total_s: float = 0.0
-    db_acquire_wait_s: float = 0.0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    statements: dict[str, int] = field(default_factory=dict)
+    ``route`` is the route template; the middleware works it out when it is first read, so a
+    request that never asks pays nothing for it until the response is recorded.
+    """
+
+    __slots__ = (
+        "_route",
+        "cache_hits",
+        "cache_misses",
+        "db_acquire_wait_s",
+        "db_errors",
+        "db_queries",
+        "db_total_s",
+        "method",
+        "operations",
+        "path",
+        "request_id",
+        "statements",
+    )
+
+    def __init__(self, request_id: str, method: str = "", route: str = "", path: str = "") -> None:
+        self.request_id = request_id
+        self.method = method
+        self._route: str | None = route or None
+        self.path = path
+        self.operations: dict[str, OperationTotals] = {}
+        self.db_queries = 0
+        self.db_errors = 0
+        self.db_total_s = 0.0
+        self.db_acquire_wait_s = 0.0
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.statements: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestContext(request_id={self.request_id!r}, method={self.method!r}, "
+            f"route={self.route!r}, path={self.path!r})"
+        )
+
+    @property
+    def route(self) -> str:
+        """The route template of the request (``__unmatched__`` when no route matched)."""
+        if self._route is None:
+            self._route = self._find_route()
+        return self._route
+
+    @route.setter
+    def route(self, value: str) -> None:
+        self._route = value
+
+    def _find_route(self) -> str:
+        """Overridden by the middleware's per-request object; a bare context has no route."""
+        return ""
 
     def add_operation(self, name: str, seconds: float) -> None:
         """Record one run of the operation ``name`` (from ``timed``)."""

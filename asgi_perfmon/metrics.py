@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from asgi_perfmon._labels import BoundedFamilies
+from asgi_perfmon._logging import FailureLog
 from asgi_perfmon._registry import metric_name, shared_matching
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -90,7 +91,7 @@ class RouteSeries:
         sent: int,
         exemplar: dict[str, str] | None,
     ) -> None:
-        """Record one finished request (and take it out of the active gauge)."""
+        """Record one finished request."""
         child = self._by_status.get(status) or self.duration(status)
         if exemplar is None:
             child.observe(duration)
@@ -99,7 +100,6 @@ class RouteSeries:
         self.time_to_first_byte.observe(time_to_first_byte)
         self.request_size.observe(received)
         self.response_size.observe(sent)
-        self.active.dec()
 
 
 class WebSocketSeries:
@@ -114,8 +114,21 @@ class WebSocketSeries:
         self.sent: Any = metrics.ws_messages.labels(route, "sent")
 
 
+class InFlight(Protocol):
+    """A request in flight, as the active-requests gauge counts it when scraped."""
+
+    def active_series(self) -> RouteSeries: ...
+
+
 class HttpMetrics:
-    """Every metric family the middleware records, registered in one registry."""
+    """Every metric family the middleware records, registered in one registry.
+
+    In a single process the active-requests gauge is computed when scraped from
+    ``in_flight``, the requests the middleware has begun and not yet recorded: a request then
+    needs its route only once, when it is recorded. In multiprocess mode the gauge lives in
+    prometheus-client's shared files, and the middleware counts it up and down itself
+    (``counts_active`` is True).
+    """
 
     def __init__(
         self,
@@ -131,12 +144,10 @@ class HttpMetrics:
         self.max_label_values = max_label_values
         self.custom_labels = custom_labels
         request = [*_HTTP, *custom_labels]
-        families = BoundedFamilies(
-            registry,
-            namespace,
-            max_label_values,
-            loop_local="PROMETHEUS_MULTIPROC_DIR" not in os.environ,
-        )
+        loop_local = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        self.counts_active = not loop_local
+        self.in_flight: dict[InFlight, None] = {}
+        families = BoundedFamilies(registry, namespace, max_label_values, loop_local=loop_local)
         self.duration = families.histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, until the last response byte was sent.",
@@ -144,7 +155,10 @@ class HttpMetrics:
             buckets,
         )
         self.active = families.gauge(
-            "http_server_active_requests", "Number of HTTP requests in flight.", request
+            "http_server_active_requests",
+            "Number of HTTP requests in flight.",
+            request,
+            count=self._active_children,
         )
         self.time_to_first_byte = families.histogram(
             "http_server_time_to_first_byte_seconds",
@@ -200,7 +214,16 @@ class HttpMetrics:
         )
         info.labels(version).set(1)
         self._series: dict[tuple[str, str, tuple[str, ...]], RouteSeries] = {}
+        self._failures = FailureLog()
         self._ws_series: dict[str, WebSocketSeries] = {}
+
+    def _active_children(self) -> Iterator[Any]:
+        """The active-gauge child of every request in flight, once per request."""
+        for request in list(self.in_flight):  # a copy: collect() may run in another thread
+            try:
+                yield request.active_series().active
+            except Exception as error:
+                self._failures.record("active_requests", error)
 
     def series(self, method: str, route: str, custom: tuple[str, ...] = ()) -> RouteSeries:
         """The children for ``method``, ``route`` and the custom label values, cached."""

@@ -16,7 +16,7 @@ from structlog.contextvars import bind_contextvars, reset_contextvars
 from asgi_perfmon._labels import DEFAULT_MAX_LABEL_VALUES, validate_max_label_values
 from asgi_perfmon._logging import FailureLog, log_safely
 from asgi_perfmon._registry import resolve_namespace, resolve_registry
-from asgi_perfmon._request_id import header_value, request_id_from
+from asgi_perfmon._request_id import request_id_of
 from asgi_perfmon._request_labels import (
     ExemplarLabeller,
     ExemplarLabels,
@@ -46,18 +46,24 @@ One a second per series is plenty for a scrape every few seconds, and keeps the 
 building exemplars off most requests.
 """
 MAX_LOGGED_PATH = 512
+MAX_REMEMBERED_ROUTES = 4096
+"""Series remembered by the route object that served them: routes x methods x custom labels."""
 
 
-class _Exchange:
-    """What one HTTP request has done so far; lives only for that request."""
+class _Exchange(RequestContext):
+    """One HTTP request through the middleware: the context its app sees, and what it has
+    done so far. Lives only for that request."""
 
     __slots__ = (
-        "context",
+        "app_at_entry",
+        "custom_labels",
         "disconnected",
         "done_at",
         "finished",
         "first_byte_at",
+        "middleware",
         "received",
+        "root_path_at_entry",
         "scope",
         "sent",
         "series",
@@ -67,11 +73,21 @@ class _Exchange:
     )
 
     def __init__(
-        self, scope: Scope, series: RouteSeries, context: RequestContext, start: float
+        self,
+        middleware: PerfMonMiddleware,
+        scope: Scope,
+        request_id: str,
+        method: str,
+        custom_labels: tuple[str, ...],
+        start: float,
     ) -> None:
+        super().__init__(request_id, method, "", scope["path"])
+        self.middleware = middleware
         self.scope = scope
-        self.series = series
-        self.context = context
+        self.app_at_entry = scope.get("app")  # sub-apps overwrite it
+        self.root_path_at_entry = scope.get("root_path", "")  # mounts append to it
+        self.custom_labels = custom_labels
+        self.series: RouteSeries | None = None
         self.start = start
         self.status = 0
         self.first_byte_at: float | None = None
@@ -81,6 +97,13 @@ class _Exchange:
         self.trailers = False
         self.disconnected = False
         self.finished = False
+
+    def _find_route(self) -> str:
+        return self.middleware._route_of(self)
+
+    def active_series(self) -> RouteSeries:
+        """The series of this request, its route worked out now if not yet known."""
+        return self.series or self.middleware._series_of(self)
 
 
 class PerfMonMiddleware:
@@ -119,6 +142,7 @@ class PerfMonMiddleware:
         self._log_request_id = _structlog_variable("request_id")
         self._routes_owner: Any = None  # the app whose router was looked up last, and its router
         self._router: Any = None
+        self._series_by_route: dict[tuple[int, str, tuple[str, ...]], tuple[Any, RouteSeries]] = {}
         self._metrics: HttpMetrics = http_metrics(
             resolve_registry(registry),
             namespace=resolve_namespace(namespace),
@@ -131,17 +155,14 @@ class PerfMonMiddleware:
         self._loop_monitor = _loop_monitor(loop_monitor, registry, namespace)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http" and route_path(scope) not in self._excluded:
-            await self._serve_http(scope, receive, send)
-        elif kind == "websocket":
-            await self._serve_websocket(scope, receive, send)
-        elif kind == "lifespan" and self._loop_monitor is not None:
-            await self._serve_lifespan(scope, receive, send)
-        else:
+        if scope["type"] != "http":
+            await self._serve_other(scope, receive, send)
+            return
+        path = scope["path"] if not scope.get("root_path") else route_path(scope)
+        if path in self._excluded:
             await self.app(scope, receive, send)
-
-    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+            return
+        # Every HTTP request runs this frame: the exchange and two small wrappers, no more.
         try:
             exchange = self._begin(scope)
         except Exception as error:
@@ -150,7 +171,8 @@ class PerfMonMiddleware:
             return
         clock = self._clock
         id_header = self._id_header
-        request_id = exchange.context.request_id
+        request_id = exchange.request_id
+        encoded_id = request_id.encode("ascii")
 
         async def receive_wrapper() -> Message:
             message = await receive()
@@ -163,16 +185,13 @@ class PerfMonMiddleware:
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                message = _with_request_id(message, id_header, request_id)
+                message = _with_request_id(message, id_header, encoded_id)
             try:
                 await send(message)
             except OSError:
                 exchange.disconnected = True
                 raise
-            if kind == "http.response.start":  # only once the server took it: else a 499
-                exchange.status = message["status"]
-                exchange.trailers = message.get("trailers", False)
-            elif kind == "http.response.body":
+            if kind == "http.response.body":
                 body_length = len(message.get("body", b""))
                 done = not message.get("more_body", False) and not exchange.trailers
                 if body_length or done:
@@ -182,6 +201,9 @@ class PerfMonMiddleware:
                         exchange.first_byte_at = now
                     if done:
                         exchange.done_at = now
+            elif kind == "http.response.start":  # only once the server took it: else a 499
+                exchange.status = message["status"]
+                exchange.trailers = message.get("trailers", False)
             elif kind == "http.response.trailers" and not message.get("more_trailers", False):
                 exchange.done_at = clock()
             elif kind == "http.response.pathsend":
@@ -190,7 +212,7 @@ class PerfMonMiddleware:
             if exchange.done_at is not None:  # the last byte went out: the request is done
                 self._finish(exchange, error=None)
 
-        context_token = _current.set(exchange.context)
+        context_token = _current.set(exchange)
         log_token = self._log_request_id.set(request_id)
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
@@ -204,23 +226,67 @@ class PerfMonMiddleware:
             self._log_request_id.reset(log_token)
             _current.reset(context_token)
 
+    async def _serve_other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._serve_websocket(scope, receive, send)
+        elif kind == "lifespan" and self._loop_monitor is not None:
+            await self._serve_lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
     def _begin(self, scope: Scope) -> _Exchange:
         method = scope["method"]
         if method not in STANDARD_METHODS:
             method = OTHER_METHOD
-        route = self._routes.resolve(self._routes_of(scope), scope)
-        request_id = request_id_from(header_value(scope.get("headers", ()), self._id_header))
-        if self._custom_labels.names:
-            series = self._metrics.series(method, route, self._custom_labels.values(scope))
+        request_id = request_id_of(scope.get("headers", ()), self._id_header)
+        custom = self._custom_labels.values(scope) if self._custom_labels.names else ()
+        exchange = _Exchange(self, scope, request_id, method, custom, self._clock())
+        metrics = self._metrics
+        if metrics.counts_active:  # multiprocess: the gauge is shared, so counted here
+            exchange.active_series().active.inc()
         else:
-            series = self._metrics.series(method, route)
-        series.active.inc()
-        context = RequestContext(request_id, method, route, scope["path"])
-        return _Exchange(scope, series, context, self._clock())
+            metrics.in_flight[exchange] = None
+        return exchange
 
-    def _routes_of(self, scope: Scope) -> Sequence[Any] | None:
+    def _series_of(self, exchange: _Exchange) -> RouteSeries:
+        """The request's series. For a route object the router named, remembered per object:
+        a route keeps its template while it stays where it is in the app."""
+        route_object = exchange.scope.get("route")
+        key = (id(route_object), exchange.method, exchange.custom_labels)
+        known = self._series_by_route.get(key)
+        if known is not None and known[0] is route_object and exchange._route is None:
+            series = known[1]
+            exchange._route = series.labels[1]
+        else:
+            route, named_by_router = exchange._route, False
+            if route is None:
+                route, named_by_router = self._route_and_source(exchange)
+            series = self._metrics.series(exchange.method, route, exchange.custom_labels)
+            exchange._route = route
+            if named_by_router and len(self._series_by_route) < MAX_REMEMBERED_ROUTES:
+                self._series_by_route[key] = (route_object, series)
+        exchange.series = series
+        return series
+
+    def _route_of(self, exchange: _Exchange) -> str:
+        return self._route_and_source(exchange)[0]
+
+    def _route_and_source(self, exchange: _Exchange) -> tuple[str, bool]:
+        """The template of the route that served the request, and True; if the router did not
+        say, the one its path matches as it arrived (before mounts changed ``root_path``)."""
+        routes = self._routes_of(exchange.app_at_entry)
+        scope = exchange.scope
+        template = self._routes.served(routes, scope)
+        if template is not None:
+            return template, True
+        root_path = exchange.root_path_at_entry
+        if scope["path"] is not exchange.path or scope.get("root_path", "") != root_path:
+            scope = {**scope, "path": exchange.path, "root_path": root_path}
+        return self._routes.resolve(routes, scope), False
+
+    def _routes_of(self, app: Any) -> Sequence[Any] | None:
         """The top-level routes: those of the app that added this middleware, if any."""
-        app = scope.get("app")
         if app is not self._routes_owner or app is None:
             self._routes_owner = app
             self._router = _router_of(app, self.app)
@@ -230,7 +296,7 @@ class PerfMonMiddleware:
     def _fail(self, exchange: _Exchange, error: BaseException) -> None:
         if not _caused_by_client(exchange, error):
             try:
-                series = exchange.series
+                series = exchange.active_series()
                 series.exceptions.labels(*series.labels, type(error).__name__).inc()
             except Exception as failure:
                 self._log_failure("exception", failure)
@@ -242,7 +308,8 @@ class PerfMonMiddleware:
             return
         exchange.finished = True
         try:
-            series = exchange.series
+            self._metrics.in_flight.pop(exchange, None)
+            series = exchange.series or self._series_of(exchange)
             end = exchange.done_at if exchange.done_at is not None else self._clock()
             start = exchange.start
             duration = end - start if end > start else 0.0
@@ -255,11 +322,13 @@ class PerfMonMiddleware:
             slow = duration >= self._slow_threshold
             exemplar = None
             if self._exemplars and (slow or end >= series.next_exemplar_at):
-                exemplar = self._exemplar_labels.labels(exchange.scope, exchange.context.request_id)
+                exemplar = self._exemplar_labels.labels(exchange.scope, exchange.request_id)
                 if exemplar is not None:
                     series.next_exemplar_at = end + EXEMPLAR_INTERVAL
             ttfb = first_byte_at - start if first_byte_at > start else 0.0
             series.record(status, duration, ttfb, exchange.received, exchange.sent, exemplar)
+            if self._metrics.counts_active:
+                series.active.dec()
             if slow:
                 series.slow.inc()
                 self._log_slow_request(exchange, status, duration)
@@ -267,25 +336,24 @@ class PerfMonMiddleware:
             self._log_failure("record", failure)
 
     def _log_slow_request(self, exchange: _Exchange, status: int, duration: float) -> None:
-        context = exchange.context
         ttfb = None if exchange.first_byte_at is None else exchange.first_byte_at - exchange.start
         log_safely(
             "warning",
             "slow_request",
-            request_id=context.request_id,
-            method=context.method,
-            route=context.route,
-            path=context.path[:MAX_LOGGED_PATH],
+            request_id=exchange.request_id,
+            method=exchange.method,
+            route=exchange.route,
+            path=exchange.path[:MAX_LOGGED_PATH],
             status=status,
             duration_s=round(duration, 6),
             threshold_s=self._slow_threshold,
             ttfb_s=None if ttfb is None else round(ttfb, 6),
-            **context.breakdown(),
+            **exchange.breakdown(),
         )
 
     async def _serve_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            route = self._routes.resolve(self._routes_of(scope), scope)
+            route = self._routes.resolve(self._routes_of(scope.get("app")), scope)
             series = self._metrics.websocket_series(route)
             series.active.inc()
         except Exception as error:
@@ -377,7 +445,7 @@ def _router_of(app: Any, inner_app: Any) -> Any:
     return router
 
 
-def _with_request_id(message: Message, name: bytes, request_id: str) -> Message:
+def _with_request_id(message: Message, name: bytes, request_id: bytes) -> Message:
     """The start message with the request id header added unless the app set one.
 
     A copy: the app may send the same message again (a prebuilt constant, a Response sent
@@ -390,7 +458,7 @@ def _with_request_id(message: Message, name: bytes, request_id: str) -> Message:
     for key, _ in headers:
         if key.lower() == name:
             return message if headers is message.get("headers") else {**message, "headers": headers}
-    return {**message, "headers": [*headers, (name, request_id.encode("ascii"))]}
+    return {**message, "headers": [*headers, (name, request_id)]}
 
 
 def _caused_by_client(exchange: _Exchange, error: BaseException | None) -> bool:

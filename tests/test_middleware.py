@@ -12,6 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -664,6 +665,65 @@ async def test_active_requests_returns_to_zero(registry: CollectorRegistry) -> N
         await asyncio.gather(*(http.get("/ok" if n % 3 else "/boom") for n in range(30)))
 
     assert [] == [s for s in samples(registry, "http_server_active_requests") if s[1]]
+
+
+async def test_active_requests_are_counted_when_scraped_before_and_after_routing(
+    registry: CollectorRegistry,
+) -> None:
+    """The in-flight gauge is worked out at scrape time: a request still held up before the
+    router ran is counted under the route its path matches, one after routing under the route
+    that serves it, each once however often it is scraped, and none once they are done."""
+    before_routing = asyncio.Event()
+    release = asyncio.Event()
+    in_handler = asyncio.Event()
+
+    async def slow_handler(request: Any) -> PlainTextResponse:
+        in_handler.set()
+        await release.wait()
+        return PlainTextResponse("ok")
+
+    class HeldUpBeforeRouting:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+            if scope["path"] == "/items/held":
+                before_routing.set()
+                await release.wait()
+            await self.app(scope, receive, send)
+
+    app = Starlette(
+        routes=[Route("/items/{item_id}", slow_handler)],
+        middleware=[Middleware(HeldUpBeforeRouting)],
+    )
+    app.add_middleware(PerfMonMiddleware, registry=registry)
+
+    async with client(app) as http:
+        requests = [
+            asyncio.create_task(http.get("/items/held")),
+            asyncio.create_task(http.get("/items/7")),
+        ]
+        await before_routing.wait()
+        await in_handler.wait()
+        scraped = [
+            value(
+                registry,
+                "http_server_active_requests",
+                http_request_method="GET",
+                http_route="/items/{item_id}",
+            )
+            for _ in range(3)
+        ]
+        release.set()
+        assert [200, 200] == [(await request).status_code for request in requests]
+
+    assert [2.0, 2.0, 2.0] == scraped
+    assert 0.0 == value(
+        registry,
+        "http_server_active_requests",
+        http_request_method="GET",
+        http_route="/items/{item_id}",
+    )
 
 
 async def test_info_metric(registry: CollectorRegistry) -> None:
