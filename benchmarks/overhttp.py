@@ -51,7 +51,7 @@ class Settings:
     connections: int
 
 
-FULL = Settings(rounds=7, seconds=4.0, warmup_seconds=2.0, connections=16)
+FULL = Settings(rounds=11, seconds=4.0, warmup_seconds=2.0, connections=16)
 SMOKE = Settings(rounds=1, seconds=1.0, warmup_seconds=0.0, connections=8)
 
 

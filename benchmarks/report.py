@@ -53,12 +53,37 @@ def _inprocess(section: dict[str, Any]) -> list[str]:
         "",
         "The bare row is the median time per request; every other row is the overhead over the "
         "bare app (median of the paired per-round differences) and the ratio of medians. "
-        f"{settings['rounds']} interleaved rounds of {settings['batch']} requests per variant "
-        f"and scenario after {settings['warmup']} warm-up requests; GC off inside timed batches; "
+        f"{settings['rounds']} interleaved rounds; in each, every variant ran "
+        f"{settings.get('repeats', 1)} interleaved batches of {settings['batch']} requests per "
+        "scenario and the fastest batch counts for the round (other work on the machine only "
+        f"ever slows a batch down); {settings['warmup']} warm-up requests; GC off inside timed "
+        "batches; "
         "lifespan run first (asgi-perfmon's event-loop monitor is on); fresh ids per request.",
         "",
         *_table(header, rows),
+        *_every_batch(section),
         *_checks(section["checks"]),
+    ]
+
+
+def _every_batch(section: dict[str, Any]) -> list[str]:
+    """The same overheads with every batch counted, for comparison with the estimator above."""
+    every = section.get("every_batch_overhead")
+    if not every:
+        return []
+    parts = []
+    for scenario, overheads in every.items():
+        cells = ", ".join(
+            f"{name} {value:+.1f}" for name, value in overheads.items() if name != variants.BARE
+        )
+        parts.append(f"- {scenario}: {cells} µs")
+    return [
+        "",
+        "With every batch counted instead of the fastest per round (median of the paired "
+        "differences over all batches):",
+        "",
+        *parts,
+        "",
     ]
 
 
