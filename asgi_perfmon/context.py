@@ -44,37 +44,25 @@ class RequestContext:
     """What the middleware knows about the request in flight, and what ran inside it.
 
     ``route`` is the route template; the middleware works it out when it is first read, so a
-    request that never asks pays nothing for it until the response is recorded.
+    request that never asks pays nothing for it until the response is recorded. The counters
+    start at their class defaults and the two dicts are made on first use: most requests run
+    no query and no timed operation, and every request builds one of these.
     """
 
-    __slots__ = (
-        "_route",
-        "cache_hits",
-        "cache_misses",
-        "db_acquire_wait_s",
-        "db_errors",
-        "db_queries",
-        "db_total_s",
-        "method",
-        "operations",
-        "path",
-        "request_id",
-        "statements",
-    )
+    db_queries = 0
+    db_errors = 0
+    db_total_s = 0.0
+    db_acquire_wait_s = 0.0
+    cache_hits = 0
+    cache_misses = 0
+    _operations: dict[str, OperationTotals] | None = None
+    _statements: dict[str, int] | None = None
 
     def __init__(self, request_id: str, method: str = "", route: str = "", path: str = "") -> None:
         self.request_id = request_id
         self.method = method
         self._route: str | None = route or None
         self.path = path
-        self.operations: dict[str, OperationTotals] = {}
-        self.db_queries = 0
-        self.db_errors = 0
-        self.db_total_s = 0.0
-        self.db_acquire_wait_s = 0.0
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.statements: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -97,6 +85,20 @@ class RequestContext:
         """Overridden by the middleware's per-request object; a bare context has no route."""
         return ""
 
+    @property
+    def operations(self) -> dict[str, OperationTotals]:
+        """Each ``timed`` operation that ran inside the request, by name."""
+        if self._operations is None:
+            self._operations = {}
+        return self._operations
+
+    @property
+    def statements(self) -> dict[str, int]:
+        """How often each SQL statement ran inside the request (up to 200 statements)."""
+        if self._statements is None:
+            self._statements = {}
+        return self._statements
+
     def add_operation(self, name: str, seconds: float) -> None:
         """Record one run of the operation ``name`` (from ``timed``)."""
         totals = self.operations.get(name)
@@ -110,11 +112,12 @@ class RequestContext:
         self.db_total_s += seconds
         if failed:
             self.db_errors += 1
-        count = self.statements.get(statement)
+        statements = self.statements
+        count = statements.get(statement)
         if count is not None:
-            self.statements[statement] = count + 1
-        elif len(self.statements) < MAX_TRACKED_STATEMENTS:
-            self.statements[statement] = 1
+            statements[statement] = count + 1
+        elif len(statements) < MAX_TRACKED_STATEMENTS:
+            statements[statement] = 1
 
     def add_acquire_wait(self, seconds: float) -> None:
         """Record time spent waiting for a pooled database connection."""

@@ -353,3 +353,23 @@ async def test_route_order_is_kept_in_a_large_app(
     app.add_middleware(PerfMonMiddleware, registry=registry)
 
     assert template == (await route_of(app, registry, "GET", path))[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "template", "status"),
+    [
+        ("/child/items/3", "/items/{item_id}", "200"),
+        ("/child/nothing", UNMATCHED, "404"),
+    ],
+)
+async def test_middleware_on_a_mounted_sub_application(
+    registry: CollectorRegistry, path: str, template: str, status: str
+) -> None:
+    """Added to a mounted app, the middleware labels by that app's routes, relative to its
+    mount; the parent's ``Mount``, already in the scope when the sub-app's router finds
+    nothing, is not mistaken for a route of the sub-app."""
+    child = Starlette(routes=[Route("/items/{item_id}", text)])
+    child.add_middleware(PerfMonMiddleware, registry=registry)
+    parent = Starlette(routes=[Mount("/child", app=child), Route("/nothing", text)])
+
+    assert (template, status) == await route_of(parent, registry, "GET", path)
