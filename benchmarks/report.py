@@ -121,10 +121,12 @@ def _http(section: dict[str, Any]) -> list[str]:
         "## 2. Over HTTP (uvicorn, one worker, loopback)",
         "",
         f"{section['load_generator']}, {settings['connections']} connections, "
-        f"{settings['rounds']} rounds of {settings['seconds']:g} s per variant "
-        f"(interleaved), {section['route']}; uvicorn with {stack['loop']} and {stack['http']}, "
-        "access log off. Medians over rounds; ratios and overheads are medians of the "
-        "per-round comparisons with the bare app. Server CPU: the uvicorn process's user + system "
+        f"{settings['rounds']} rounds of {settings['seconds']:g} s per variant, each run right "
+        "next to a run of the bare app (bare first in one round, second in the next), "
+        f"{section['route']}; uvicorn with {stack['loop']} and {stack['http']}, "
+        "access log off. Requests/s and latencies are medians over a variant's runs; ratios and "
+        "overheads are medians over its adjacent pairs with the bare app. Server CPU: the "
+        "uvicorn process's user + system "
         "time per request (in brackets: over the bare app), less disturbed by other load on "
         "the machine than requests/s.",
         "",
