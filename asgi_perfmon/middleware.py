@@ -442,12 +442,14 @@ def _with_request_id(message: Message, name: bytes, request_id: bytes) -> Messag
     before looking.
     """
     headers = message.get("headers", ())
-    if not isinstance(headers, (list, tuple)):
+    if type(headers) is not list and type(headers) is not tuple:
         headers = list(headers)
     for key, _ in headers:
         if key.lower() == name:
             return message if headers is message.get("headers") else {**message, "headers": headers}
-    return {**message, "headers": [*headers, (name, request_id)]}
+    copy = dict(message)
+    copy["headers"] = [*headers, (name, request_id)]
+    return copy
 
 
 def _caused_by_client(exchange: _Exchange, error: BaseException | None) -> bool:
