@@ -67,7 +67,7 @@ class RequestContext:
     def __repr__(self) -> str:
         return (
             f"RequestContext(request_id={self.request_id!r}, method={self.method!r}, "
-            f"route={self.route!r}, path={self.path!r})"
+            f"route={self._route!r}, path={self.path!r})"
         )
 
     @property
