@@ -42,7 +42,7 @@ import httpx
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from tests._uvicorn import REPO_ROOT, free_port, start_uvicorn
+from tests._uvicorn import REPO_ROOT, free_port, start_uvicorn, stop_process
 
 GRAFANA = REPO_ROOT / "grafana"
 DASHBOARD_PATH = GRAFANA / "dashboards" / "asgi-perfmon.json"
@@ -871,12 +871,7 @@ def run_prometheus(config: Path, directory: Path) -> Iterator[httpx.Client]:
         yield client
     finally:
         client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

@@ -32,7 +32,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from tests._uvicorn import RunningServer, free_port, start_uvicorn
+from tests._uvicorn import RunningServer, free_port, start_uvicorn, stop_process
 from tests.apps.load_app import MIX, POST_BODY, Kind
 
 pytestmark = [pytest.mark.uvicorn, pytest.mark.slow]
@@ -299,12 +299,7 @@ def optional_prometheus(target: RunningServer, directory: Path) -> Iterator[http
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             yield client
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def query(prometheus: httpx.Client, expr: str) -> list[dict[str, Any]]:
