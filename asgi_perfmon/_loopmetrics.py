@@ -44,16 +44,17 @@ _EXACT_COUNT = 1_000_000
 class HistogramChild:
     """One labelled histogram: a count per bucket, the sum and the latest exemplar per bucket."""
 
-    __slots__ = ("_bounds", "counts", "exemplars", "sum")
+    __slots__ = ("bounds", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
+        self.bounds = bounds
+        """The finite upper bounds; ``counts[bisect_left(bounds, value)]`` is value's bucket."""
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.exemplars: dict[int, Exemplar] | None = None
 
     def observe(self, value: float, exemplar: dict[str, str] | None = None) -> None:
-        index = bisect_left(self._bounds, value)
+        index = bisect_left(self.bounds, value)
         self.counts[index] += 1
         self.sum += value
         if exemplar is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -100,6 +101,40 @@ class RouteSeries:
         self.time_to_first_byte.observe(time_to_first_byte)
         self.request_size.observe(received)
         self.response_size.observe(sent)
+
+
+class LoopRouteSeries(RouteSeries):
+    """The series of a single process, whose histograms are ``HistogramChild``: recorded by
+    updating their counts in place, without a call per histogram. This runs once per request,
+    and the four ``observe`` calls were a fifth of the middleware's own work."""
+
+    __slots__ = ()
+
+    def record(
+        self,
+        status: int,
+        duration: float,
+        time_to_first_byte: float,
+        received: int,
+        sent: int,
+        exemplar: dict[str, str] | None,
+    ) -> None:
+        """Record one finished request."""
+        child = self._by_status.get(status) or self.duration(status)
+        if exemplar is None:
+            child.counts[bisect_left(child.bounds, duration)] += 1
+            child.sum += duration
+        else:
+            child.observe(duration, exemplar)
+        child = self.time_to_first_byte
+        child.counts[bisect_left(child.bounds, time_to_first_byte)] += 1
+        child.sum += time_to_first_byte
+        child = self.request_size
+        child.counts[bisect_left(child.bounds, received)] += 1
+        child.sum += received
+        child = self.response_size
+        child.counts[bisect_left(child.bounds, sent)] += 1
+        child.sum += sent
 
 
 class WebSocketSeries:
@@ -230,7 +265,8 @@ class HttpMetrics:
         key = (method, route, custom)
         series = self._series.get(key)
         if series is None:
-            series = RouteSeries(self, method, route, custom)
+            kind = RouteSeries if self.counts_active else LoopRouteSeries
+            series = kind(self, method, route, custom)
             if len(self._series) < _MAX_CACHED_SERIES:
                 self._series[key] = series
         return series

@@ -9,6 +9,12 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 from asgi_perfmon._loopmetrics import HistogramChild, LoopFamily
+from asgi_perfmon.metrics import (
+    DEFAULT_BUCKETS,
+    SIZE_BUCKETS,
+    LoopRouteSeries,
+    http_metrics,
+)
 
 
 def test_histogram_exposition_matches_prometheus_client() -> None:
@@ -93,3 +99,46 @@ def test_own_exposition_is_byte_for_byte_prometheus_clients(
         assert openmetrics_latest(registry).decode() == ours + "# EOF\n"
     else:
         assert generate_latest(registry).decode() == ours
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.005, 0.0051, 0.3, 10.0, 12.5]),
+            st.sampled_from([0.0, 0.005, 1.0, 99.0]),
+            st.sampled_from([0, 63, 64, 65, 4**12, 4**12 + 1]),
+            st.sampled_from([0, 64, 1024, 10**9]),
+        ),
+        max_size=20,
+    )
+)
+def test_route_series_records_like_observe(
+    requests: list[tuple[float, float, int, int]],
+) -> None:
+    """The single-process series updates its histograms in place: the same buckets and sums
+    as ``observe``, bucket edges included (``le`` is inclusive)."""
+    metrics = http_metrics(
+        CollectorRegistry(), namespace="", buckets=DEFAULT_BUCKETS, max_label_values=10,
+        version="test",
+    )  # fmt: skip
+    series = metrics.series("GET", "/items/{item_id}")
+    assert isinstance(series, LoopRouteSeries)
+    reference = {
+        "duration": HistogramChild(DEFAULT_BUCKETS),
+        "ttfb": HistogramChild(DEFAULT_BUCKETS),
+        "received": HistogramChild(SIZE_BUCKETS),
+        "sent": HistogramChild(SIZE_BUCKETS),
+    }
+    for duration, ttfb, received, sent in requests:
+        series.record(200, duration, ttfb, received, sent, None)
+        for name, value in zip(reference, (duration, ttfb, received, sent), strict=True):
+            reference[name].observe(value)
+    recorded = {
+        "duration": series.duration(200),
+        "ttfb": series.time_to_first_byte,
+        "received": series.request_size,
+        "sent": series.response_size,
+    }
+    for name, child in recorded.items():
+        assert (child.counts, child.sum) == (reference[name].counts, reference[name].sum), name
