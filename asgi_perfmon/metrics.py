@@ -105,8 +105,8 @@ class RouteSeries:
 
 class LoopRouteSeries(RouteSeries):
     """The series of a single process, whose histograms are ``HistogramChild``: recorded by
-    updating their counts in place, without a call per histogram. This runs once per request,
-    and the four ``observe`` calls were a fifth of the middleware's own work."""
+    updating their counts in place, without a call per histogram. Recording is a fifth of the
+    middleware's work per request, and the four ``observe`` calls were a quarter of that."""
 
     __slots__ = ()
 
