@@ -182,14 +182,16 @@ class PerfMonMiddleware:
                 raise
             if kind == "http.response.body":
                 body_length = len(message.get("body", b""))
-                done = not message.get("more_body", False) and not exchange.trailers
-                if body_length or done:
-                    now = clock()
+                if not message.get("more_body", False) and not exchange.trailers:
+                    exchange.done_at = now = clock()
+                    if body_length:
+                        exchange.sent += body_length
+                        if exchange.first_byte_at is None:
+                            exchange.first_byte_at = now
+                elif body_length:  # a chunk of a stream: the clock only for the first one
                     exchange.sent += body_length
-                    if body_length and exchange.first_byte_at is None:
-                        exchange.first_byte_at = now
-                    if done:
-                        exchange.done_at = now
+                    if exchange.first_byte_at is None:
+                        exchange.first_byte_at = clock()
             elif kind == "http.response.start":  # only once the server took it: else a 499
                 exchange.status = message["status"]
                 exchange.trailers = message.get("trailers", False)
